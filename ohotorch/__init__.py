@@ -1,0 +1,12 @@
+"""ohotorch: online hyperparameter optimisation as a drop-in torch.optim.Optimizer.
+
+``ohotorch.OHO`` trains like torch.optim.SGD and tunes lr / weight decay / momentum while it trains,
+from forward-mode (real-time recurrent) hypergradients of a validation loss.
+"""
+from __future__ import annotations
+
+from .groups import cycle, grouped, layerwise
+from .optimizer import OHO
+
+__all__ = ["OHO", "layerwise", "grouped", "cycle", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,701 @@
+r"""``OHO``: torch.optim.SGD whose lr, weight decay and momentum tune themselves online.
+
+The shell around :mod:`ohotorch.sgd_tangents` (the update and tangent math),
+:mod:`ohotorch.finite_differences` (Hessian-vector products from the closure) and :mod:`ohotorch.meta`
+(the meta-update). It validates arguments, owns the state, and orders the work of one step.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import meta
+from .finite_differences import BufferSnapshot, RNGSnapshot, perturbation_scale, relative_step
+from .sgd_tangents import sgd_apply_, sgd_direction_, sgd_tangent_update_
+
+__all__ = ["OHO"]
+
+Closure = Callable[[], Any]
+_TANGENT_KEYS = ("tangent_w", "tangent_b")
+
+
+def _canonical_tune(tune: Any) -> Tuple[str, ...]:
+    if isinstance(tune, str):
+        tune = (tune,)
+    try:
+        names = tuple(tune)
+    except TypeError:
+        raise TypeError(f"tune must be a collection of hyperparameter names, got {tune!r}") from None
+    for name in names:
+        if not isinstance(name, str) or name not in meta.HYPERPARAMETERS:
+            raise ValueError(
+                f"Unknown hyperparameter in tune: {name!r}; tunable ones are {meta.HYPERPARAMETERS}"
+            )
+    return tuple(n for n in meta.HYPERPARAMETERS if n in names)
+
+
+def _real(value: Any, what: str) -> float:
+    if isinstance(value, Tensor):
+        raise TypeError(f"{what} must be a Python number, got a Tensor (tensor {what} is not supported)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+class OHO(Optimizer):
+    r"""SGD (torch.optim.SGD's exact semantics) with hyperparameters tuned online by forward-mode
+    hypergradients of a validation loss (OHO, Im, Savin & Cho 2021; RTRL / Franceschi et al. 2017).
+
+    **Update.** With :math:`d_t = g_t + \lambda w_t`, :math:`b_t = \mu b_{t-1} + (1-\tau) d_t` and
+    :math:`u_t = d_t + \mu b_t` (nesterov) or :math:`b_t`, the weights move as in torch.optim.SGD,
+    :math:`w_{t+1} = w_t - \eta u_t`. For every tuned scalar :math:`\theta` (lr :math:`\eta`, weight decay
+    :math:`\lambda`, momentum :math:`\mu` of one hyper group) a tangent :math:`\dot w = dw/d\theta` is
+    carried forward:
+
+    .. math::
+        \dot w_{t+1} = \dot w_t - \eta\,\dot u_t - [\theta=\eta]\,u_t,\qquad
+        \dot d_t = H_t \dot w_t + \lambda \dot w_t + [\theta=\lambda]\,w_t
+
+    (momentum adds a tangent buffer :math:`\dot b`, see :mod:`ohotorch.sgd_tangents`).
+    ``hyper_step(val_closure)`` reads the hypergradient
+    :math:`\partial L_{val}(w_{t+1})/\partial\theta = \langle \nabla L_{val}(w_{t+1}), \dot w_{t+1}\rangle`
+    and moves :math:`\theta` with the meta-optimizer (:mod:`ohotorch.meta`).
+
+    **Cost per step** with K tangents (``influence="exact"``: one per (group, tuned name);
+    ``"blockwise"``: one per tuned name): K Hessian-vector products by finite differences of the closure
+    (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
+    still zero), plus one validation gradient per ``hyper_step``. Memory: K tangents (2K with momentum)
+    of the parameters' size, plus a copy of the weights and one gradient during the step.
+
+    **Drop-in change** to an SGD loop::
+
+        - opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        + opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, module=model)
+          ...
+        - loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+        + def closure():
+        +     opt.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); return loss
+        + def val_closure():
+        +     opt.zero_grad(); loss = F.cross_entropy(model(xv), yv); loss.backward(); return loss
+        + loss = opt.step(closure)
+        + opt.hyper_step(val_closure)
+
+    Args:
+        params: parameters or param groups (each group is a hyper group; see :func:`ohotorch.layerwise`
+            and :func:`ohotorch.grouped`). Groups may override lr, momentum, dampening, nesterov,
+            weight_decay and tune.
+        lr, momentum, dampening, nesterov, weight_decay: as torch.optim.SGD (initial values).
+        tune: names tuned online, any subset of ``("lr", "weight_decay", "momentum")``; ``()`` turns
+            OHO into plain SGD.
+        meta_lr: meta learning rate, a float or ``{name: float}``. ``None`` takes the scale-free
+            default of ``meta_optimizer="adam", space="log"`` (0.02: each hyper-step moves a
+            hyperparameter by at most about 2% of its value); ``0`` computes hypergradients but never
+            changes a hyperparameter.
+        meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper's; needs an explicit meta_lr).
+        meta_betas, meta_eps: Adam's constants for the meta-update.
+        space: ``"log"`` (relative steps, default) or ``"raw"`` (the paper's absolute steps).
+        bounds: ``{name: (low, high)}`` projection bounds; defaults lr >= 0, weight_decay >= 0,
+            0 <= momentum <= 0.999.
+        influence: ``"exact"`` (default) or ``"blockwise"`` (one tangent per name summed over groups,
+            read out per group: cost independent of the number of groups, exact for one group).
+        hvp: ``"forward"`` (default, 1 gradient per HVP) or ``"central"`` (2, second-order accurate).
+        fd_rel: relative finite-difference step ``r``; default sqrt(u) (forward) or u^(1/3) (central)
+            for the parameters' dtype unit roundoff u.
+        reset_every: zero the tangents every N steps (truncated horizon); ``None`` never.
+        discount: scale the tangents by gamma in [0, 1] before each update; 1 is the full horizon
+            (default), 0 the greedy one-step horizon (hypergradient descent on the validation loss).
+        module: the model. When given, its buffers (BatchNorm running statistics) are restored so that
+            they end every step exactly as one ordinary training step leaves them, and the validation
+            closure leaves them untouched. Without it, each extra closure evaluation updates them again.
+        foreach: use the ``torch._foreach_*`` path (default: when every parameter is on CUDA).
+
+    Diagnostics after each step and hyper-step are in :attr:`diagnostics`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        *,
+        tune: Iterable[str] = ("lr", "weight_decay"),
+        meta_lr: Union[None, float, Mapping[str, float]] = None,
+        meta_optimizer: str = "adam",
+        meta_betas: Tuple[float, float] = (0.9, 0.999),
+        meta_eps: float = 1e-15,
+        space: str = "log",
+        bounds: Optional[Mapping[str, Tuple[float, float]]] = None,
+        influence: str = "exact",
+        hvp: str = "forward",
+        fd_rel: Optional[float] = None,
+        reset_every: Optional[int] = None,
+        discount: float = 1.0,
+        module: Optional[nn.Module] = None,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        if meta_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"Invalid meta_optimizer: {meta_optimizer!r} (use 'adam' or 'sgd')")
+        if space not in ("log", "raw"):
+            raise ValueError(f"Invalid space: {space!r} (use 'log' or 'raw')")
+        if influence not in ("exact", "blockwise"):
+            raise ValueError(f"Invalid influence: {influence!r} (use 'exact' or 'blockwise')")
+        if hvp not in ("forward", "central"):
+            raise ValueError(f"Invalid hvp: {hvp!r} (use 'forward' or 'central')")
+        b1, b2 = meta_betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"Invalid meta_betas: {meta_betas!r} (each in [0, 1))")
+        if not (meta_eps >= 0.0 and math.isfinite(meta_eps)):
+            raise ValueError(f"Invalid meta_eps: {meta_eps!r}")
+        if fd_rel is not None and not (math.isfinite(fd_rel) and fd_rel > 0.0):
+            raise ValueError(f"Invalid fd_rel: {fd_rel!r} (a positive number)")
+        if reset_every is not None and (
+            isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1
+        ):
+            raise ValueError(f"Invalid reset_every: {reset_every!r} (a positive integer or None)")
+        if not (0.0 <= _real(discount, "discount") <= 1.0):
+            raise ValueError(f"Invalid discount: {discount!r} (gamma in [0, 1])")
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+
+        self.meta_optimizer = meta_optimizer
+        self.space = space
+        self.meta_lr = self._check_meta_lr(meta_lr, meta_optimizer, space)
+        self.meta_betas = (float(b1), float(b2))
+        self.meta_eps = float(meta_eps)
+        self.bounds = self._check_bounds(bounds)
+        self.influence = influence
+        self.hvp = hvp
+        self.fd_rel = fd_rel
+        self.reset_every = reset_every
+        self.discount = float(discount)
+        self.module = module
+        self.foreach = foreach
+        self.diagnostics: Dict[str, Any] = {}
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            weight_decay=weight_decay, tune=_canonical_tune(tune),
+        )
+        # Counters and meta-optimizer state shared by all parameters (saved by state_dict under "oho").
+        self._oho: Dict[str, Any] = {
+            "steps": 0, "hyper_steps": 0, "keys": None, "meta_state": {},
+            "nonfinite_hypergradients": 0, "nonfinite_influence": 0,
+        }
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_meta_lr(meta_lr: Any, meta_optimizer: str, space: str) -> Dict[str, float]:
+        if meta_lr is None:
+            default = meta.DEFAULT_META_LR.get((meta_optimizer, space))
+            if default is None:
+                raise ValueError(
+                    f"meta_lr is required with meta_optimizer={meta_optimizer!r}, space={space!r}: "
+                    "its scale depends on the problem (the OHO paper used 1e-5 for CIFAR10, 1e-4 for MNIST)"
+                )
+            return {name: default for name in meta.HYPERPARAMETERS}
+        if isinstance(meta_lr, Mapping):
+            unknown = set(meta_lr) - set(meta.HYPERPARAMETERS)
+            if unknown:
+                raise ValueError(f"Unknown hyperparameter in meta_lr: {sorted(unknown)}")
+            base = OHO._check_meta_lr(None, "adam", "log")
+            values = {**base, **{k: _real(v, f"meta_lr[{k!r}]") for k, v in meta_lr.items()}}
+        else:
+            values = {name: _real(meta_lr, "meta_lr") for name in meta.HYPERPARAMETERS}
+        for name, value in values.items():
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"Invalid meta_lr for {name}: {value}")
+        return values
+
+    @staticmethod
+    def _check_bounds(bounds: Optional[Mapping[str, Tuple[float, float]]]) -> Dict[str, Tuple[float, float]]:
+        result = dict(meta.DEFAULT_BOUNDS)
+        for name, pair in (bounds or {}).items():
+            if name not in meta.HYPERPARAMETERS:
+                raise ValueError(f"Unknown hyperparameter in bounds: {name!r}")
+            low, high = (_real(v, f"bounds[{name!r}]") for v in pair)
+            default_low, default_high = meta.DEFAULT_BOUNDS[name]
+            if math.isnan(low) or math.isnan(high) or low > high or low < default_low or high > default_high:
+                raise ValueError(
+                    f"Invalid bounds for {name}: ({low}, {high}); they must satisfy "
+                    f"{default_low} <= low <= high <= {default_high}"
+                )
+            result[name] = (low, high)
+        return result
+
+    @staticmethod
+    def _check_group(group: Dict[str, Any]) -> None:
+        lr = _real(group["lr"], "lr")
+        if not (math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"Invalid learning rate: {group['lr']}")
+        wd = _real(group["weight_decay"], "weight_decay")
+        if not (math.isfinite(wd) and wd >= 0.0):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        mu = _real(group["momentum"], "momentum")
+        if not (0.0 <= mu < 1.0):
+            raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in [0, 1))")
+        damp = _real(group["dampening"], "dampening")
+        if not math.isfinite(damp):
+            raise ValueError(f"Invalid dampening value: {group['dampening']}")
+        if group["nesterov"] and (mu <= 0.0 or damp != 0.0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        group["tune"] = _canonical_tune(group["tune"])
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if self._oho["keys"] is not None:
+            raise ValueError("OHO.add_param_group after the first step is not supported: the influence "
+                             "tensors are laid out for the groups present at the first step")
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # keep checkpoints of earlier versions loadable
+            group.setdefault("nesterov", False)
+            group.setdefault("dampening", 0.0)
+            group.setdefault("tune", ("lr", "weight_decay"))
+
+    # ------------------------------------------------------------------ layout helpers
+    def _tuning(self) -> bool:
+        return any(group["tune"] for group in self.param_groups)
+
+    def _keys(self) -> List[Tuple[Optional[int], str]]:
+        """The tangents: (group index, name) in exact mode, (None, name) in blockwise mode."""
+        if self._oho["keys"] is None:
+            if self.influence == "exact":
+                keys = [(g, n) for g, group in enumerate(self.param_groups) for n in group["tune"]]
+            else:
+                names = {n for group in self.param_groups for n in group["tune"]}
+                keys = [(None, n) for n in meta.HYPERPARAMETERS if n in names]
+            self._oho["keys"] = keys
+        return self._oho["keys"]
+
+    def _direct(self, key: Tuple[Optional[int], str], g: int) -> bool:
+        """[theta = x] for tangent ``key`` on the parameters of group ``g``."""
+        owner, name = key
+        return owner == g if owner is not None else name in self.param_groups[g]["tune"]
+
+    @staticmethod
+    def _uses_buffer(group: Dict[str, Any]) -> bool:
+        return group["momentum"] != 0 or "momentum" in group["tune"]
+
+    def _use_foreach(self, params: Sequence[Tensor]) -> bool:
+        if self.foreach is not None:
+            return bool(self.foreach)
+        return bool(params) and all(p.is_cuda for p in params)
+
+    def _state_for(self, p: Tensor, group: Dict[str, Any], n_keys: int) -> Dict[str, Any]:
+        state = self.state[p]
+        if n_keys and "tangent_w" not in state:
+            dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+            state["tangent_w"] = torch.zeros((n_keys, *p.shape), dtype=dtype, device=p.device)
+        if n_keys and self._uses_buffer(group) and "tangent_b" not in state:
+            state["tangent_b"] = torch.zeros_like(state["tangent_w"])
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:  # type: ignore[override]
+        """One SGD step and, when tuning, one influence update (re-running ``closure`` for the HVPs).
+
+        ``closure`` follows torch's LBFGS convention: clear grads, compute the training loss on one
+        batch, backward, return the loss. It is required while anything is tuned. Returns the loss of
+        the first evaluation. Afterwards ``p.grad`` holds that evaluation's gradient, the RNG and the
+        module's buffers are as one ordinary evaluation leaves them.
+        """
+        tuning = self._tuning()
+        if closure is None and tuning:
+            if self._is_state_initialisation():
+                self._initialise_state()
+                return None
+            raise TypeError(
+                "OHO.step() needs a closure while hyperparameters are tuned: the Hessian-vector products "
+                "re-evaluate the training loss on the same batch (or pass tune=() for plain SGD)"
+            )
+        keys = self._keys() if tuning else []
+        n_keys = len(keys)
+
+        if tuning and self.reset_every is not None and self._oho["steps"] % self.reset_every == 0:
+            self._zero_influence()
+        if tuning and self.discount < 1.0:
+            self._scale_influence(self.discount)
+        norms = self._influence_norms(keys) if tuning else []
+        live = [j for j, n in enumerate(norms) if n > 0.0]
+
+        rng_before = RNGSnapshot().capture() if live else None
+        buffers_before = BufferSnapshot(self.module.buffers()) if live and self.module is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if tuning:
+                self._check_loss(loss, "closure")
+
+        # Per group: the parameters with a gradient (torch skips the others) and the SGD direction.
+        work = []
+        for g, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                work.append(None)
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("OHO does not support sparse gradients")
+            states = [self._state_for(p, group, n_keys) for p in params]
+            bufs = [s.get("momentum_buffer") for s in states]
+            first = [b is None for b in bufs]
+            foreach = self._use_foreach(params)
+            uses_buffer = self._uses_buffer(group)
+            direction, previous = sgd_direction_(
+                params, [p.grad for p in params], bufs,
+                weight_decay=group["weight_decay"], momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], use_buffer=uses_buffer,
+                keep_previous_buffer="momentum" in group["tune"], foreach=foreach,
+            )
+            if uses_buffer:
+                for s, b in zip(states, bufs):
+                    s["momentum_buffer"] = b
+            work.append(dict(params=params, states=states, bufs=bufs, first=first, direction=direction,
+                             previous=previous, foreach=foreach))
+
+        if tuning and loss is not None:
+            finite_loss = bool(torch.isfinite(torch.as_tensor(loss)).all())
+            if not finite_loss:
+                self._oho["nonfinite_influence"] += 1
+                warnings.warn("OHO: non-finite training loss; the influence was left unchanged this step")
+            else:
+                self._advance_influence(closure, keys, norms, live, work, rng_before, buffers_before)
+
+        for g, group in enumerate(self.param_groups):
+            if work[g] is not None:
+                sgd_apply_(work[g]["params"], work[g]["direction"], lr=group["lr"], foreach=work[g]["foreach"])
+        self._oho["steps"] += 1
+        return loss
+
+    def _advance_influence(self, closure, keys, norms, live, work, rng_before, buffers_before) -> None:
+        active = [p for w in work if w is not None for p in w["params"]]
+        train_grads = [p.grad for p in active]
+        hvps: Dict[int, List[Tensor]] = {}
+        if live:
+            all_params = [p for group in self.param_groups for p in group["params"]]
+            stashed = [p.grad for p in all_params]
+            rng_after = RNGSnapshot().capture()
+            buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
+            saved = [p.detach().clone() for p in active]
+            weight_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.detach().double()) for p in active])))
+            rel = self.fd_rel if self.fd_rel is not None else relative_step(active[0].dtype, self.hvp)
+            for j in live:
+                eps = perturbation_scale(weight_norm, norms[j], rel)
+                tangent = [self.state[p]["tangent_w"][j].to(p.dtype) for p in active]
+                hv = self._fd_hvp(closure, active, all_params, tangent, eps, train_grads, saved,
+                                  rng_before, buffers_before)
+                if not all(bool(torch.isfinite(h).all()) for h in hv):
+                    self._oho["nonfinite_influence"] += 1
+                    warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[j]}; that tangent was "
+                                  "left unchanged this step")
+                    continue
+                hvps[j] = hv
+            for p, grad in zip(all_params, stashed):
+                p.grad = grad
+            rng_after.restore()
+            if buffers_after is not None:
+                buffers_after.restore()
+
+        offset = 0
+        for g, group in enumerate(self.param_groups):
+            w = work[g]
+            if w is None:
+                continue
+            n = len(w["params"])
+            for j, key in enumerate(keys):
+                if j in live and j not in hvps:
+                    continue  # non-finite HVP: keep this tangent as it was
+                hv = hvps[j][offset:offset + n] if j in hvps else [torch.zeros_like(s["tangent_w"][j])
+                                                                  for s in w["states"]]
+                self._update_tangent(group, w, j, key, g, hv)
+            offset += n
+
+    def _update_tangent(self, group, w, j, key, g, hv) -> None:
+        uses_buffer = self._uses_buffer(group)
+        # Parameters whose momentum buffer was created this step follow b'_1 = d'_1.
+        for first_step in (True, False):
+            idx = [i for i, f in enumerate(w["first"]) if f == first_step]
+            if not idx:
+                continue
+            sgd_tangent_update_(
+                [w["states"][i]["tangent_w"][j] for i in idx],
+                [w["states"][i]["tangent_b"][j] for i in idx] if uses_buffer else None,
+                [hv[i].to(w["states"][i]["tangent_w"].dtype) for i in idx],
+                [w["params"][i] for i in idx],
+                [w["bufs"][i] for i in idx] if uses_buffer else None,
+                [w["previous"][i] for i in idx],
+                [w["direction"][i] for i in idx],
+                lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], first_step=first_step,
+                direct_lr=key[1] == "lr" and self._direct(key, g),
+                direct_weight_decay=key[1] == "weight_decay" and self._direct(key, g),
+                direct_momentum=key[1] == "momentum" and self._direct(key, g),
+                foreach=w["foreach"],
+            )
+
+    def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, saved, rng, buffers) -> List[Tensor]:
+        """H v for the training loss at the saved weights, by finite differences of ``closure``."""
+        foreach = self._use_foreach(active)
+
+        def gradient_at(shift: float) -> List[Tensor]:
+            if foreach:
+                torch._foreach_copy_(active, saved)
+                torch._foreach_add_(active, tangent, alpha=shift)
+            else:
+                for p, s, v in zip(active, saved, tangent):
+                    p.copy_(s).add_(v, alpha=shift)
+            rng.restore()  # same dropout masks as the training evaluation
+            if buffers is not None:
+                buffers.restore()  # same buffers as it saw
+            for p in all_params:
+                p.grad = None  # the closure's backward allocates fresh gradients
+            with torch.enable_grad():
+                self._check_loss(closure(), "closure")
+            return [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
+
+        plus = gradient_at(eps)
+        if self.hvp == "central":
+            minus = gradient_at(-eps)
+            scale = 2.0 * eps
+        else:
+            minus = train_grads
+            scale = eps
+        for p, s in zip(active, saved):
+            p.copy_(s)  # exact restore: the perturbation is never undone arithmetically
+        if foreach:
+            torch._foreach_sub_(plus, minus)
+            torch._foreach_div_(plus, scale)
+        else:
+            for a, b in zip(plus, minus):
+                a.sub_(b).div_(scale)
+        return plus
+
+    # ------------------------------------------------------------------ influence bookkeeping
+    def _tangent_tensors(self) -> List[Tensor]:
+        return [s[k] for s in self.state.values() for k in _TANGENT_KEYS if k in s]
+
+    def _zero_influence(self) -> None:
+        for t in self._tangent_tensors():
+            t.zero_()
+
+    def _scale_influence(self, gamma: float) -> None:
+        for t in self._tangent_tensors():
+            t.mul_(gamma)
+
+    def _influence_norms(self, keys: Sequence[Any]) -> List[float]:
+        """||w'_j|| for every tangent (one host sync); a non-finite tangent is reset to zero."""
+        if not keys:
+            return []
+        tangents = [s["tangent_w"] for s in self.state.values() if "tangent_w" in s]
+        if not tangents:
+            return [0.0] * len(keys)
+        squares = torch.stack([
+            torch.linalg.vector_norm(t.reshape(len(keys), -1).double(), dim=1) ** 2 for t in tangents
+        ]).sum(0)
+        norms = squares.sqrt().tolist()
+        for j, n in enumerate(norms):
+            if not math.isfinite(n):
+                self._oho["nonfinite_influence"] += 1
+                warnings.warn(f"OHO: the influence for {keys[j]} became non-finite and was reset to zero")
+                for s in self.state.values():
+                    for k in _TANGENT_KEYS:
+                        if k in s:
+                            s[k][j].zero_()
+                norms[j] = 0.0
+        self.diagnostics["influence_norm"] = {self._key_name(k): n for k, n in zip(keys, norms)}
+        return norms
+
+    def _key_name(self, key: Tuple[Optional[int], str]) -> str:
+        owner, name = key
+        if owner is None:
+            return name
+        return f"{self.param_groups[owner].get('name', owner)}/{name}"
+
+    # ------------------------------------------------------------------ hypergradients
+    def hypergradient(self, val_closure: Closure) -> List[Dict[str, Tensor]]:
+        """dL_val(w_t)/dtheta for every tuned hyperparameter, changing nothing.
+
+        ``val_closure`` clears grads, computes the validation loss, calls backward and returns the loss.
+        Returns one dict per param group (in ``param_groups`` order) mapping each tuned name to a 0-d
+        tensor. Grads, RNG state and module buffers are as they were before the call.
+        """
+        hyper, _ = self._hypergradient(val_closure)
+        return hyper
+
+    @torch.no_grad()
+    def _hypergradient(self, val_closure: Closure) -> Tuple[List[Dict[str, Tensor]], Any]:
+        if val_closure is None or not callable(val_closure):
+            raise TypeError("hypergradient/hyper_step need a validation closure")
+        if self._oho["steps"] == 0:
+            raise ValueError("hyper_step/hypergradient called before any step(): there is no influence yet")
+        keys = self._keys() if self._tuning() else []
+        if not keys:
+            return [{} for _ in self.param_groups], None
+
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        stashed = [p.grad for p in all_params]
+        rng = RNGSnapshot().capture()
+        buffers = BufferSnapshot(self.module.buffers()) if self.module is not None else None
+        try:
+            for p in all_params:
+                p.grad = None
+            with torch.enable_grad():
+                loss = val_closure()
+            self._check_loss(loss, "val_closure")
+            val_grads = [p.grad for p in all_params]
+        finally:
+            for p, grad in zip(all_params, stashed):
+                p.grad = grad
+            rng.restore()
+            if buffers is not None:
+                buffers.restore()
+
+        # per_group[g, j] = < grad L_val restricted to group g, tangent j restricted to group g >
+        n_groups, n_keys = len(self.param_groups), len(keys)
+        contributions: List[List[Tensor]] = [[] for _ in range(n_groups)]
+        grads_by_param = {id(p): gv for p, gv in zip(all_params, val_grads)}
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                gv = grads_by_param[id(p)]
+                state = self.state.get(p, {})
+                if gv is None or "tangent_w" not in state:
+                    continue
+                t = state["tangent_w"]
+                contributions[g].append(t.reshape(n_keys, -1) @ gv.reshape(-1).to(t.dtype))
+        ref = next((c[0] for c in contributions if c), None)
+        if ref is None:
+            zero = torch.zeros(n_keys)
+            per_group = [zero for _ in range(n_groups)]
+        else:
+            per_group = [torch.stack(c).sum(0) if c else torch.zeros_like(ref) for c in contributions]
+
+        hyper: List[Dict[str, Tensor]] = [{} for _ in range(n_groups)]
+        for j, (owner, name) in enumerate(keys):
+            if owner is not None:  # exact: the tangent spans every parameter
+                hyper[owner][name] = torch.stack([pg[j] for pg in per_group]).sum()
+            else:  # blockwise: each group reads its own block
+                for g, group in enumerate(self.param_groups):
+                    if name in group["tune"]:
+                        hyper[g][name] = per_group[g][j]
+        return hyper, loss
+
+    @torch.no_grad()
+    def hyper_step(self, val_closure: Closure) -> List[Dict[str, Tensor]]:
+        r"""Compute the hypergradients (see :meth:`hypergradient`) and apply the meta-update.
+
+        Each tuned :math:`\theta` moves to :math:`P(f(\phi - \alpha\,\mathrm{step}(h\,d\theta/d\phi)))`
+        (:mod:`ohotorch.meta`). A non-finite validation loss or hypergradient changes nothing, is counted
+        in ``diagnostics["nonfinite_hypergradients"]`` and warned about. Returns the hypergradients.
+        """
+        hyper, loss = self._hypergradient(val_closure)
+        flat = [(g, name, h) for g, d in enumerate(hyper) for name, h in d.items()]
+        if not flat:
+            return hyper
+        values = torch.stack([h.detach().double().cpu() for _, _, h in flat]).tolist()
+        loss_value = float(torch.as_tensor(loss).detach().double().sum())
+        if not (math.isfinite(loss_value) and all(math.isfinite(v) for v in values)):
+            self._oho["nonfinite_hypergradients"] += 1
+            self.diagnostics["nonfinite_hypergradients"] = self._oho["nonfinite_hypergradients"]
+            warnings.warn("OHO: non-finite validation loss or hypergradient; hyperparameters unchanged")
+            return hyper
+        proposals = []
+        for (g, name, _), h in zip(flat, values):
+            group = self.param_groups[g]
+            theta = float(group[name])
+            phi = meta.to_meta(name, theta, self.space)
+            grad = h * meta.meta_derivative(name, theta, self.space)
+            lr = self.meta_lr[name]
+            if self.meta_optimizer == "adam":
+                state = self._oho["meta_state"].setdefault(f"{g}/{name}", {})
+                new_phi = meta.meta_adam_step(phi, grad, state, lr=lr, betas=self.meta_betas, eps=self.meta_eps)
+            else:
+                new_phi = meta.meta_sgd_step(phi, grad, lr=lr)
+            new_theta = meta.project(meta.from_meta(name, new_phi, self.space), self.bounds[name])
+            if lr == 0.0:
+                new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
+            proposals.append((group, name, new_theta))
+        if not all(math.isfinite(t) for _, _, t in proposals):
+            self._oho["nonfinite_hypergradients"] += 1
+            warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
+            return hyper
+        for group, name, theta in proposals:
+            group[name] = theta
+        self._oho["hyper_steps"] += 1
+        self.diagnostics["val_loss"] = loss_value
+        self.diagnostics["hypergradient"] = {
+            f"{self.param_groups[g].get('name', g)}/{name}": v for (g, name, _), v in zip(flat, values)
+        }
+        return hyper
+
+    # ------------------------------------------------------------------ misc
+    @staticmethod
+    def _check_loss(loss: Any, what: str) -> None:
+        if loss is None:
+            raise TypeError(f"{what} returned no loss: it must compute the loss, call backward and return it")
+        if not isinstance(loss, (Tensor, float, int)):
+            raise TypeError(f"{what} must return the loss (a Tensor or number), got {type(loss).__name__}")
+
+    def _is_state_initialisation(self) -> bool:
+        """The distributed-checkpoint idiom: step() with zero grads and lr = 0 to create the state."""
+        if any(group["lr"] != 0 for group in self.param_groups):
+            return False
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return all(not bool(g.any()) for g in grads)
+
+    def _initialise_state(self) -> None:
+        n_keys = len(self._keys())
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state_for(p, group, n_keys)
+                if self._uses_buffer(group) and state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        """Steps, hyper-steps, and how often a non-finite value was refused."""
+        return {k: self._oho[k] for k in ("steps", "hyper_steps", "nonfinite_hypergradients",
+                                          "nonfinite_influence")}
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        oho = dict(self._oho)
+        oho["meta_state"] = {k: dict(v) for k, v in self._oho["meta_state"].items()}
+        oho["keys"] = None if self._oho["keys"] is None else [list(k) for k in self._oho["keys"]]
+        sd["oho"] = oho
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        oho = state_dict.pop("oho", None)
+        # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
+        saved_dtypes = {idx: {k: s[k].dtype for k in _TANGENT_KEYS if k in s}
+                        for idx, s in state_dict.get("state", {}).items()}
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx, p in zip(saved_ids, params):
+            for k, dtype in saved_dtypes.get(idx, {}).items():
+                if p in self.state and k in self.state[p]:
+                    self.state[p][k] = self.state[p][k].to(dtype)
+        for group in self.param_groups:
+            group["tune"] = _canonical_tune(group.get("tune", ()))
+        if oho is not None:
+            restored = dict(oho)
+            restored["meta_state"] = {k: dict(v) for k, v in oho["meta_state"].items()}
+            restored["keys"] = None if oho["keys"] is None else [(k[0], k[1]) for k in oho["keys"]]
+            self._oho = restored

@@ -1,0 +1,129 @@
+"""Shared test material: real digits data, small models, and the autograd oracle.
+
+The oracle unrolls torch.optim.SGD's update with the hyperparameters as float64 tensors that require
+grad, keeps the graph, and differentiates the validation loss after T steps: the ground truth the
+forward-mode hypergradients must match.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ohotorch
+
+
+def digits(dtype=torch.float64) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits (1797 real images): (x_train, y_train, x_val, y_val)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=dtype)
+    y = torch.tensor(y, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def mlp(sizes: Sequence[int] = (64, 16, 16, 10), act=nn.Tanh, dtype=torch.float64, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: List[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batches(x, y, size: int, steps: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (size,), generator=g)
+        out.append((x[idx], y[idx]))
+    return out
+
+
+def closures(opt, model, batch):
+    x, y = batch
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def run_oho(model, opt, train_batches) -> None:
+    for b in train_batches:
+        opt.step(closures(opt, model, b))
+
+
+def oracle_hypergradients(
+    model: nn.Module,
+    groups: List[List[int]],
+    hypers: List[Dict[str, float]],
+    train_batches,
+    val_batch,
+    *,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    use_buffer: bool,
+) -> List[Dict[str, float]]:
+    """dL_val(w_T)/d theta by reverse-mode autograd through T unrolled SGD steps.
+
+    ``groups[k]`` lists parameter indices (in ``model.parameters()`` order) of hyper group k and
+    ``hypers[k]`` its {"lr", "weight_decay", "momentum"} values.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    w0 = [p.detach().clone() for p in model.parameters()]
+    theta = [{k: torch.tensor(float(v), dtype=torch.float64, requires_grad=True) for k, v in h.items()}
+             for h in hypers]
+    owner = {i: k for k, idx in enumerate(groups) for i in idx}
+
+    def loss_at(w, batch):
+        x, y = batch
+        params = {n: t for n, t in zip(names, w)}
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    w = [t.clone().requires_grad_(True) for t in w0]
+    bufs = [None] * len(w)
+    for batch in train_batches:
+        grads = torch.autograd.grad(loss_at(w, batch), w, create_graph=True)
+        new_w = []
+        for i, (wi, gi) in enumerate(zip(w, grads)):
+            h = theta[owner[i]]
+            d = gi + h["weight_decay"] * wi
+            if use_buffer:
+                b = d if bufs[i] is None else h["momentum"] * bufs[i] + (1 - dampening) * d
+                bufs[i] = b
+                u = d + h["momentum"] * b if nesterov else b
+            else:
+                u = d
+            new_w.append(wi - h["lr"] * u)
+        w = new_w
+    val = loss_at(w, val_batch)
+    flat = [(k, n, t) for k, h in enumerate(theta) for n, t in h.items()]
+    grads = torch.autograd.grad(val, [t for _, _, t in flat], allow_unused=True, materialize_grads=True)
+    out: List[Dict[str, float]] = [{} for _ in theta]
+    for (k, n, _), g in zip(flat, grads):
+        out[k][n] = float(g)
+    return out
+
+
+def param_index_groups(model: nn.Module, param_groups) -> List[List[int]]:
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return [[index[id(p)] for p in g["params"]] for g in param_groups]
+
+
+def relative_error(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+__all__ = ["digits", "mlp", "batches", "closures", "run_oho", "oracle_hypergradients",
+           "param_index_groups", "relative_error", "ohotorch"]
