@@ -247,6 +247,11 @@ class OHO(Optimizer):
         if group["nesterov"] and (mu <= 0.0 or damp != 0.0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         group["tune"] = _canonical_tune(group["tune"])
+        if "momentum" in group["tune"] and mu == 0.0 and damp != 0.0:
+            raise ValueError(
+                "Cannot tune momentum from 0 with dampening != 0: torch.optim.SGD's update jumps at "
+                "momentum = 0 (no buffer) when dampening is set; start from momentum > 0 or dampening = 0"
+            )
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if self._oho["keys"] is not None:
