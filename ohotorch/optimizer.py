@@ -331,7 +331,7 @@ class OHO(Optimizer):
             self._zero_influence()
         if tuning and self.discount < 1.0:
             self._scale_influence(self.discount)
-        norms = self._influence_norms(keys) if tuning else []
+        norms, weight_norm = self._influence_norms(keys) if tuning else ([], 0.0)
         live = [j for j, n in enumerate(norms) if n > 0.0]
 
         rng_before = RNGSnapshot().capture() if live else None
@@ -376,7 +376,8 @@ class OHO(Optimizer):
                 self._oho["nonfinite_influence"] += 1
                 warnings.warn("OHO: non-finite training loss; the influence was left unchanged this step")
             else:
-                self._advance_influence(closure, keys, norms, live, work, rng_before, buffers_before)
+                self._advance_influence(closure, keys, norms, weight_norm, live, work, rng_before,
+                                        buffers_before)
 
         for g, group in enumerate(self.param_groups):
             if work[g] is not None:
@@ -384,7 +385,8 @@ class OHO(Optimizer):
         self._oho["steps"] += 1
         return loss
 
-    def _advance_influence(self, closure, keys, norms, live, work, rng_before, buffers_before) -> None:
+    def _advance_influence(self, closure, keys, norms, weight_norm, live, work, rng_before,
+                           buffers_before) -> None:
         active = [p for w in work if w is not None for p in w["params"]]
         train_grads = [p.grad for p in active]
         hvps: Dict[int, List[Tensor]] = {}
@@ -394,15 +396,13 @@ class OHO(Optimizer):
             rng_after = RNGSnapshot().capture()
             buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
             saved = [p.detach().clone() for p in active]
-            weight_norm = float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(p.detach().double()) for p in active])))
             rel = self.fd_rel if self.fd_rel is not None else relative_step(active[0].dtype, self.hvp)
             for j in live:
                 eps = perturbation_scale(weight_norm, norms[j], rel)
                 tangent = [self.state[p]["tangent_w"][j].to(p.dtype) for p in active]
                 hv = self._fd_hvp(closure, active, all_params, tangent, eps, train_grads, saved,
                                   rng_before, buffers_before)
-                if not all(bool(torch.isfinite(h).all()) for h in hv):
+                if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hv)).sum())):  # one sync
                     self._oho["nonfinite_influence"] += 1
                     warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[j]}; that tangent was "
                                   "left unchanged this step")
@@ -500,17 +500,19 @@ class OHO(Optimizer):
         for t in self._tangent_tensors():
             t.mul_(gamma)
 
-    def _influence_norms(self, keys: Sequence[Any]) -> List[float]:
-        """||w'_j|| for every tangent (one host sync); a non-finite tangent is reset to zero."""
-        if not keys:
-            return []
-        tangents = [s["tangent_w"] for s in self.state.values() if "tangent_w" in s]
-        if not tangents:
-            return [0.0] * len(keys)
-        squares = torch.stack([
-            torch.linalg.vector_norm(t.reshape(len(keys), -1).double(), dim=1) ** 2 for t in tangents
-        ]).sum(0)
-        norms = squares.sqrt().tolist()
+    def _influence_norms(self, keys: Sequence[Any]) -> Tuple[List[float], float]:
+        """(||w'_j|| for every tangent, ||w||) in one host sync; a non-finite tangent is reset to zero.
+
+        Norms are taken in the tangents' own dtype (no float64 copy of K x parameters); a float32 norm
+        that overflows (||w'|| > ~1e19) counts as non-finite.
+        """
+        pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
+        if not keys or not pairs:
+            return [0.0] * len(keys), 0.0
+        per_param = [torch.linalg.vector_norm(t.reshape(len(keys), -1), dim=1).double() for _, t in pairs]
+        weights = [torch.linalg.vector_norm(p.detach()).double() for p, _ in pairs]
+        stacked = torch.cat([torch.stack(per_param).pow(2).sum(0), torch.stack(weights).pow(2).sum(0, keepdim=True)])
+        *norms, weight_norm = stacked.sqrt().tolist()
         for j, n in enumerate(norms):
             if not math.isfinite(n):
                 self._oho["nonfinite_influence"] += 1
@@ -521,7 +523,7 @@ class OHO(Optimizer):
                             s[k][j].zero_()
                 norms[j] = 0.0
         self.diagnostics["influence_norm"] = {self._key_name(k): n for k, n in zip(keys, norms)}
-        return norms
+        return norms, weight_norm
 
     def _key_name(self, key: Tuple[Optional[int], str]) -> str:
         owner, name = key
@@ -609,8 +611,9 @@ class OHO(Optimizer):
         flat = [(g, name, h) for g, d in enumerate(hyper) for name, h in d.items()]
         if not flat:
             return hyper
-        values = torch.stack([h.detach().double().cpu() for _, _, h in flat]).tolist()
-        loss_value = float(torch.as_tensor(loss).detach().double().sum())
+        device = flat[0][2].device
+        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device)
+        *values, loss_value = torch.stack([h.detach().double() for _, _, h in flat] + [loss_sum]).tolist()
         if not (math.isfinite(loss_value) and all(math.isfinite(v) for v in values)):
             self._oho["nonfinite_hypergradients"] += 1
             self.diagnostics["nonfinite_hypergradients"] = self._oho["nonfinite_hypergradients"]
