@@ -69,8 +69,9 @@ class OHO(Optimizer):
     **Cost per step** with K tangents (``influence="exact"``: one per (group, tuned name);
     ``"blockwise"``: one per tuned name): K Hessian-vector products by finite differences of the closure
     (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
-    still zero), plus one validation gradient per ``hyper_step``. Memory: K tangents (2K with momentum)
-    of the parameters' size, plus a copy of the weights and one gradient during the step.
+    zero, so none at all with the default greedy horizon ``discount=0``), plus one validation gradient
+    per ``hyper_step``. Memory: K tangents (2K with momentum) of the parameters' size, plus, while HVPs
+    run, a copy of the weights and one gradient.
 
     **Drop-in change** to an SGD loop::
 
@@ -107,8 +108,12 @@ class OHO(Optimizer):
         fd_rel: relative finite-difference step ``r``; default sqrt(u) (forward) or u^(1/3) (central)
             for the parameters' dtype unit roundoff u.
         reset_every: zero the tangents every N steps (truncated horizon); ``None`` never.
-        discount: scale the tangents by gamma in [0, 1] before each update; 1 is the full horizon
-            (default), 0 the greedy one-step horizon (hypergradient descent on the validation loss).
+        discount: scale the tangents by gamma in [0, 1] before each update. 0 (default) is the greedy
+            one-step horizon: hypergradient descent on the validation loss, no HVP at all. 1 is the full
+            horizon of the OHO paper (exact RTRL). The default is measured, not assumed: on real data
+            the full and long discounted horizons let the learning rate climb past the edge of
+            stability, where the exact influence grows exponentially and its hypergradients are noise
+            (benchmarks/defaults.py, benchmarks/results/defaults/defaults.json).
         module: the model. When given, its buffers (BatchNorm running statistics) are restored so that
             they end every step exactly as one ordinary training step leaves them, and the validation
             closure leaves them untouched. Without it, each extra closure evaluation updates them again.
@@ -137,7 +142,7 @@ class OHO(Optimizer):
         hvp: str = "forward",
         fd_rel: Optional[float] = None,
         reset_every: Optional[int] = None,
-        discount: float = 1.0,
+        discount: float = 0.0,
         module: Optional[nn.Module] = None,
         foreach: Optional[bool] = None,
     ) -> None:

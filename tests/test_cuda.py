@@ -14,7 +14,7 @@ def test_cuda_hypergradients_match_autograd_float64():
     train = [(x.cuda(), y.cuda()) for x, y in batches(xt, yt, 32, 15)]
     val = (xv[:300].cuda(), yv[:300].cuda())
     model = mlp().cuda()
-    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, hvp="central",
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, hvp="central", discount=1.0,
                        meta_lr=0.0, tune=("lr", "weight_decay", "momentum"))
     assert opt._use_foreach(list(model.parameters()))
     hypers = [{n: opt.param_groups[0][n] for n in ("lr", "weight_decay", "momentum")}]
@@ -32,7 +32,7 @@ def test_cuda_dropout_rng_is_replayed():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)).cuda()
     ref = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)).cuda()
     ref.load_state_dict(model.state_dict())
-    opt = ohotorch.OHO(model.parameters(), lr=0.1, meta_lr=0.0)
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, meta_lr=0.0, discount=1.0)
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
     for seed, (x, y) in enumerate(batches(xt, yt, 32, 5)):
         x, y = x.cuda(), y.cuda()

@@ -47,7 +47,8 @@ def test_global_matches_autograd(case):
     options = CASES[case]
     train, val = _setup()
     model = mlp()
-    opt = ohotorch.OHO(model.parameters(), lr=0.1, weight_decay=1e-3, hvp="central", meta_lr=0.0, **options)
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, weight_decay=1e-3, hvp="central", meta_lr=0.0, discount=1.0,
+                       **options)
     worst = _compare(model, opt, train, val, options, rtol=1e-6)
     print(f"{case}: worst relative error {worst:.2e}")
 
@@ -62,7 +63,8 @@ def test_layerwise_exact_matches_autograd(case):
     for i, g in enumerate(groups):  # distinct values per group
         g["lr"] = 0.05 + 0.03 * i
         g["weight_decay"] = 1e-3 * (i + 1)
-    opt = ohotorch.OHO(groups, hvp="central", meta_lr=0.0, influence="exact", **options)
+    opt = ohotorch.OHO(groups, hvp="central", meta_lr=0.0, influence="exact", discount=1.0,
+                       **options)
     _compare(model, opt, train, val, dict(options, tune=tune), rtol=1e-6)
 
 
@@ -70,7 +72,8 @@ def test_forward_differences_are_close():
     options = CASES["momentum"]
     train, val = _setup()
     model = mlp()
-    opt = ohotorch.OHO(model.parameters(), lr=0.1, weight_decay=1e-3, hvp="forward", meta_lr=0.0, **options)
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, weight_decay=1e-3, hvp="forward", meta_lr=0.0, discount=1.0,
+                       **options)
     worst = _compare(model, opt, train, val, options, rtol=1e-4)
     print(f"forward differences: worst relative error {worst:.2e}")
 
@@ -80,7 +83,7 @@ def test_blockwise_equals_exact_with_one_group():
     results = {}
     for influence in ("exact", "blockwise"):
         model = mlp()
-        opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, hvp="central", meta_lr=0.0,
+        opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, hvp="central", meta_lr=0.0, discount=1.0,
                            tune=("lr", "weight_decay", "momentum"), influence=influence)
         run_oho(model, opt, train)
         results[influence] = opt.hypergradient(closures(opt, model, val))
@@ -105,7 +108,8 @@ def test_blockwise_is_exact_when_groups_do_not_interact():
     val2 = (val[0], torch.cat([val[1], val[1]]))
     model = TwoTowers()
     groups = [dict(params=list(model.a.parameters()), lr=0.1), dict(params=list(model.b.parameters()), lr=0.05)]
-    opt = ohotorch.OHO(groups, momentum=0.9, weight_decay=1e-3, hvp="central", meta_lr=0.0, influence="blockwise")
+    opt = ohotorch.OHO(groups, momentum=0.9, weight_decay=1e-3, hvp="central", meta_lr=0.0,
+                       influence="blockwise", discount=1.0)
     _compare(model, opt, train2, val2, dict(momentum=0.9, tune=("lr", "weight_decay")), rtol=1e-6)
 
 
@@ -116,7 +120,7 @@ def test_blockwise_error_with_several_groups_is_measured():
     for influence in ("exact", "blockwise"):
         model = mlp()
         opt = ohotorch.OHO(ohotorch.layerwise(model), lr=0.1, momentum=0.9, weight_decay=1e-3,
-                           hvp="central", meta_lr=0.0, influence=influence)
+                           hvp="central", meta_lr=0.0, influence=influence, discount=1.0)
         run_oho(model, opt, train)
         out[influence] = opt.hypergradient(closures(opt, model, val))
     exact = torch.stack([h for g in out["exact"] for h in g.values()])

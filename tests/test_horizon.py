@@ -30,8 +30,8 @@ def _run(opt_kwargs, steps, keep):
 @pytest.mark.parametrize("opt_kwargs, steps, keep", [
     (dict(discount=1.0), 6, 6),          # full: every step
     (dict(discount=0.0), 6, 1),          # greedy: one step of memory
-    (dict(reset_every=5), 12, 2),        # reset at step 10: the last two steps
-    (dict(reset_every=4), 8, 4),         # reset at step 4: the last four steps
+    (dict(reset_every=5, discount=1.0), 12, 2),      # reset at step 10: the last two steps
+    (dict(reset_every=4, discount=1.0), 8, 4),       # reset at step 4: the last four steps
 ])
 def test_truncated_horizon_matches_autograd_over_what_it_keeps(opt_kwargs, steps, keep):
     got, expected = _run(opt_kwargs, steps, keep)

@@ -37,7 +37,7 @@ def test_batchnorm_dropout_step_equals_torch_sgd(momentum):
         model = bn_dropout_net()
         if use_oho:
             opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3,
-                               meta_lr=0.0, module=model)
+                               meta_lr=0.0, module=model, discount=1.0)
         else:
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-3)
         torch.manual_seed(42)
@@ -62,7 +62,8 @@ def test_without_module_buffers_see_every_evaluation():
     tracked = []
     for module in (True, False):
         model = bn_dropout_net()
-        opt = ohotorch.OHO(model.parameters(), lr=0.1, meta_lr=0.0, module=model if module else None)
+        opt = ohotorch.OHO(model.parameters(), lr=0.1, meta_lr=0.0, discount=1.0,
+                           module=model if module else None)
         for b in train:
             opt.step(_closure(opt, model, b))
         tracked.append(int(model[1].num_batches_tracked))
@@ -72,7 +73,7 @@ def test_without_module_buffers_see_every_evaluation():
 def test_hypergradient_leaves_grads_buffers_and_rng_untouched():
     xt, yt, xv, yv = digits(torch.float32)
     model = bn_dropout_net()
-    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, module=model)
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, module=model, discount=1.0)
     for b in batches(xt, yt, 32, 3):
         opt.step(_closure(opt, model, b))
     grads = [p.grad.clone() for p in model.parameters()]
@@ -106,7 +107,8 @@ def test_fd_hvps_with_dropout_equal_the_fixed_mask_hessian():
     train = batches(xt, yt, 32, 10)
     val = (xv[:200], yv[:200])
     model = DropoutMLP()
-    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, hvp="central", meta_lr=0.0)
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, hvp="central", meta_lr=0.0,
+                       discount=1.0)
     hypers = [{n: opt.param_groups[0][n] for n in ("lr", "weight_decay", "momentum")}]
     groups = param_index_groups(model, opt.param_groups)
 

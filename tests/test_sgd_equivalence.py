@@ -37,7 +37,7 @@ def test_reproduces_torch_sgd(options, dtype, device, mode):
     tunable = ("lr", "weight_decay", "momentum")
     if options["momentum"] == 0 and options["dampening"] != 0:
         tunable = ("lr", "weight_decay")  # momentum cannot be tuned from 0 with dampening (validated)
-    extra = dict(meta_lr=0.0, tune=tunable) if mode == "meta_lr=0" else dict(tune=())
+    extra = dict(meta_lr=0.0, tune=tunable, discount=1.0) if mode == "meta_lr=0" else dict(tune=())
     ref, _ = _trajectory(lambda m: torch.optim.SGD(m.parameters(), lr=0.05, **options), device, dtype)
     got, opt = _trajectory(lambda m: ohotorch.OHO(m.parameters(), lr=0.05, **extra, **options), device, dtype)
     for a, b in zip(got, ref):
@@ -54,7 +54,7 @@ def test_foreach_path_gives_the_same_numbers(options):
     for foreach in (False, True):
         tune = ("lr", "weight_decay") if options["dampening"] and not options["momentum"] else \
             ("lr", "weight_decay", "momentum")
-        _, opt = _trajectory(lambda m: ohotorch.OHO(m.parameters(), lr=0.05, meta_lr=0.0, foreach=foreach,
+        _, opt = _trajectory(lambda m: ohotorch.OHO(m.parameters(), lr=0.05, meta_lr=0.0, foreach=foreach, discount=1.0,
                                                     tune=tune, **options),
                              "cpu", torch.float64)
         results.append([s["tangent_w"].clone() for s in opt.state.values()])

@@ -8,11 +8,14 @@ import ohotorch
 from helpers import batches, closures, digits, mlp
 
 CONFIGS = {
-    "global-adam-log": dict(momentum=0.9),
-    "global-sgd-raw": dict(momentum=0.9, meta_optimizer="sgd", space="raw", meta_lr=1e-4),
-    "layerwise-exact-momentum": dict(momentum=0.5, tune=("lr", "weight_decay", "momentum"), layerwise=True),
-    "layerwise-blockwise": dict(influence="blockwise", layerwise=True),
+    "global-default": dict(momentum=0.9),
+    "global-full-adam-log": dict(momentum=0.9, discount=1.0),
+    "global-full-sgd-raw": dict(momentum=0.9, meta_optimizer="sgd", space="raw", meta_lr=1e-4, discount=1.0),
+    "layerwise-exact-momentum": dict(momentum=0.5, tune=("lr", "weight_decay", "momentum"), layerwise=True,
+                                     discount=1.0),
+    "layerwise-blockwise": dict(influence="blockwise", layerwise=True, reset_every=7),
     "discount-central": dict(discount=0.9, hvp="central"),
+    "greedy-sgd-log": dict(discount=0.0, meta_optimizer="sgd", meta_lr=0.01),
 }
 
 
