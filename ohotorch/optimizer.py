@@ -332,11 +332,16 @@ class OHO(Optimizer):
         keys = self._keys() if tuning else []
         n_keys = len(keys)
 
-        if tuning and self.reset_every is not None and self._oho["steps"] % self.reset_every == 0:
-            self._zero_influence()
-        if tuning and self.discount < 1.0:
-            self._scale_influence(self.discount)
-        norms, weight_norm = self._influence_norms(keys) if tuning else ([], 0.0)
+        norms: List[float] = [0.0] * n_keys
+        weight_norm = 0.0
+        if tuning:
+            reset = self.reset_every is not None and self._oho["steps"] % self.reset_every == 0
+            if reset or self.discount == 0.0:
+                self._zero_influence()  # zero_, not mul_(0): a NaN tangent must not survive
+            else:
+                if self.discount < 1.0:
+                    self._scale_influence(self.discount)
+                norms, weight_norm = self._influence_norms(keys)
         live = [j for j, n in enumerate(norms) if n > 0.0]
 
         rng_before = RNGSnapshot().capture() if live else None
