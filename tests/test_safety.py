@@ -5,25 +5,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import ohotorch
-from helpers import batches, digits, oracle_hypergradients, param_index_groups, relative_error
+from helpers import batches, closures as _closure, digits, oracle_hypergradients, param_index_groups, relative_error
 
 
 def bn_dropout_net(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3),
                          nn.Linear(32, 10)).to(dtype)
-
-
-def _closure(opt, model, batch):
-    x, y = batch
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
