@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -96,11 +97,12 @@ class TrainConfig:
     reset_value: float = 0.0
     # runtime
     seed: int = 0
+    seeds: int = 1  # comparisons repeat every method with seeds seed, seed + 1, ..., seed + seeds - 1
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 0  # torch CPU threads; 0: torch's default
     bf16: bool = False  # bfloat16 autocast for forward passes
     tf32: bool = False  # TF32 matmul/conv on CUDA (off: full fp32 for finite-difference HVPs)
-    log_every: int = 0  # steps between trace records and progress updates; 0: ~10 per epoch
+    log_every: int = 0  # steps between trace records and progress updates; 0: ~300 records per run
     progress: bool = True
     results_dir: str = ""  # default: benchmarks/results/<task>
     out: str = ""  # explicit results file (overrides results_dir)
@@ -117,7 +119,8 @@ class TrainConfig:
                 raise ValueError(f"Unknown hyperparameter in tune: {name!r}; choose from {HYPER_NAMES}")
         if self.reset_epoch and self.reset_name not in HYPER_NAMES:
             raise ValueError(f"Invalid reset_name: {self.reset_name!r}")
-        for name in ("epochs", "batch_size", "val_batch_size", "eval_batch_size", "hyper_every", "eval_every"):
+        for name in ("epochs", "batch_size", "val_batch_size", "eval_batch_size", "hyper_every", "eval_every",
+                     "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
 
@@ -192,7 +195,7 @@ def config_help(*classes: type) -> str:
             seen.add(name)
             value = getattr(defaults, name)
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            kind_name = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+            kind_name = kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
             lines.append(f"  --{name.replace('_', '-'):24s} {kind_name:22s} default: {shown}")
     return "\n".join(lines)
 
@@ -320,8 +323,21 @@ def _git_revision() -> Dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+def _source_digest(module: Any) -> Optional[Dict[str, str]]:
+    """Where ohotorch was imported from and a SHA-256 of its sources: the exact code a run used, also
+    when the checkout is dirty or changes while a long benchmark runs."""
+    if module is None or not getattr(module, "__file__", None):
+        return None
+    root = Path(module.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"path": str(root), "sha256": digest.hexdigest()}
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
-    """Library versions, device and host facts written into every results file."""
+    """Library versions, device and host facts written into every results file. Call it when a run
+    starts: the git state and source digest then describe the code that ran."""
     ohotorch = import_ohotorch(required=False)
     versions = {name: _package_version(name) for name in ("torch", "torchvision", "numpy", "scikit-learn",
                                                            "optuna", "tqdm")}
@@ -341,6 +357,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git": _git_revision(),
+        "ohotorch_source": _source_digest(ohotorch),
         "argv": sys.argv,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -446,21 +463,27 @@ def tensor_data(splits: Dict[str, Tuple[torch.Tensor, torch.Tensor]], cfg: Train
     )
 
 
-def synthetic_images(n: int, shape: Sequence[int], num_classes: int, seed: int,
-                     noise: float = 0.35) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1] with a learnable class signal, for ``--synthetic`` runs without a download.
+def synthetic_images(n: int, shape: Sequence[int], num_classes: int, seed: int, noise: float = 0.35,
+                     as_uint8: bool = False, chunk: int = 8192) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] (or 0..255 bytes) with a learnable class signal, for ``--synthetic`` runs.
 
-    Each class has a smooth random prototype (an upsampled low-resolution pattern); an example is its
-    class prototype plus pixel noise, clipped to [0, 1]. Nearby classes overlap, so losses fall
-    gradually instead of reaching zero in one epoch.
+    Each class has a smooth random prototype (an upsampled 4x4 random pattern); an example is its class
+    prototype plus pixel noise, clipped. Classes overlap, so losses fall over several epochs instead of
+    reaching zero at once. Generated ``chunk`` examples at a time to bound memory.
     """
     g = torch.Generator().manual_seed(seed)
     channels, height, width = shape
     coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
     prototypes = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
     labels = torch.randint(num_classes, (n,), generator=g)
-    images = prototypes[labels] * 0.5 + 0.25 + noise * torch.randn(n, channels, height, width, generator=g)
-    return images.clamp_(0.0, 1.0), labels
+    images = torch.empty(n, channels, height, width, dtype=torch.uint8 if as_uint8 else torch.float32)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        block = prototypes[labels[lo:hi]] * 0.5 + 0.25
+        block += noise * torch.randn(hi - lo, channels, height, width, generator=g)
+        block.clamp_(0.0, 1.0)
+        images[lo:hi] = (block * 255).round() if as_uint8 else block
+    return images, labels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -619,6 +642,12 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, bf16: boo
     return {"loss": _round(loss), "acc": _round(float(correct) / max(count, 1))}
 
 
+def evaluate_splits(model: nn.Module, data: Data, device: torch.device,
+                    cfg: TrainConfig) -> Dict[str, Dict[str, float]]:
+    """:func:`evaluate` on every reporting split of ``data``."""
+    return {split: evaluate(model, loader, device, cfg.bf16, cfg.eval_batches) for split, loader in data.evals.items()}
+
+
 def _summarise_values(values: List[float]) -> str:
     """One number for a progress bar: the value, or the geometric mean over several groups."""
     positive = [v for v in values if v > 0]
@@ -635,7 +664,8 @@ def _synchronise(device: torch.device) -> None:
 class Recorder:
     """Per-epoch curves and a finer per-step trace of hyperparameters, hypergradients and loss."""
 
-    def __init__(self) -> None:
+    def __init__(self, traced: Sequence[str]) -> None:
+        self.traced = tuple(traced)  # hyperparameters worth a per-step trace (the others are in the curves)
         self.curves: Dict[str, Any] = {"epoch": [], "wall_time": [], "train_loss_running": []}
         self.trace: Dict[str, Any] = {"step": [], "epoch": [], "train_loss": [], "hypergradient": {}}
 
@@ -651,18 +681,23 @@ class Recorder:
             self.curves.setdefault(name, []).append(per_group)
 
     def step(self, step: int, epoch: float, loss: float, hypers: Dict[str, List[float]],
-             hypergrads: Optional[List[Dict[str, torch.Tensor]]]) -> None:
+             hypergrads: Optional[List[Dict[str, torch.Tensor]]], influence: Optional[Dict[str, float]]) -> None:
         self.trace["step"].append(step)
         self.trace["epoch"].append(_round(epoch, 4))
         self.trace["train_loss"].append(_round(loss))
         for name, per_group in hypers.items():
-            self.trace.setdefault(name, []).append(per_group)
+            if name in self.traced:
+                self.trace.setdefault(name, []).append(per_group)
         if hypergrads is not None:
             for name in HYPER_NAMES:
                 per_group = [float(h[name]) if name in h else None for h in hypergrads]
                 if any(v is not None for v in per_group):
                     values = [None if v is None else _round(v) for v in per_group]
                     self.trace["hypergradient"].setdefault(name, []).append(values)
+        if influence:  # OHO's diagnostics: the norm of each tangent (column of the influence matrix)
+            norms = self.trace.setdefault("influence_norm", {})
+            for key, value in influence.items():
+                norms.setdefault(key, []).append(_round(float(value)))
 
 
 def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: TrainConfig) -> Dict[str, Any]:
@@ -682,10 +717,9 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
     val_batches = import_ohotorch().cycle(data.val) if is_oho else None
 
     steps_per_epoch = min(len(data.train), cfg.steps_per_epoch or len(data.train))
-    log_every = cfg.log_every or max(1, steps_per_epoch // 10)
-    recorder = Recorder()
-    metrics = {split: evaluate(model, loader, device, cfg.bf16, cfg.eval_batches) for split, loader in data.evals.items()}
-    recorder.epoch(0, 0.0, None, metrics, hyperparameters(opt))
+    log_every = cfg.log_every or max(1, cfg.epochs * steps_per_epoch // 300)
+    recorder = Recorder(("lr", "weight_decay") + (("momentum",) if "momentum" in cfg.tune else ()))
+    recorder.epoch(0, 0.0, None, evaluate_splits(model, data, device, cfg), hyperparameters(opt))
 
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=method, leave=False, disable=not cfg.progress,
                dynamic_ncols=True)
@@ -716,7 +750,8 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
             if step % log_every == 0 or k == steps_per_epoch - 1:
                 mean = float(window_loss) / window
                 hypers = hyperparameters(opt)
-                recorder.step(step, step / steps_per_epoch, mean, hypers, last_hyper)
+                influence = getattr(opt, "diagnostics", {}).get("influence_norm") if is_oho else None
+                recorder.step(step, step / steps_per_epoch, mean, hypers, last_hyper, influence)
                 bar.set_postfix_str(_postfix(hypers, mean, recorder.curves), refresh=False)
                 bar.update(window)
                 window_loss.zero_()
@@ -732,9 +767,7 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
         diverged = diverged or not math.isfinite(running)
         last = epoch == cfg.epochs or diverged
         if epoch % cfg.eval_every == 0 or last:
-            metrics = {split: evaluate(model, loader, device, cfg.bf16, cfg.eval_batches)
-                       for split, loader in data.evals.items()}
-            recorder.epoch(epoch, wall, running, metrics, hyperparameters(opt))
+            recorder.epoch(epoch, wall, running, evaluate_splits(model, data, device, cfg), hyperparameters(opt))
         if diverged:
             break
     bar.close()
@@ -748,7 +781,7 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
     if is_oho and hasattr(opt, "counters"):
         result["oho_counters"] = dict(opt.counters)
     if cfg.progress:
-        tqdm.write(_result_line(method, result["final"]))
+        tqdm.write(_result_line(f"{method} (seed {cfg.seed})", result["final"]))
     return result
 
 
@@ -818,6 +851,43 @@ def load_task(name: str) -> Task:
     return importlib.import_module(TASK_MODULES[name]).TASK
 
 
+@dataclass
+class Session:
+    """What search.py and robustness.py work with: their own config, a task, its config and its data."""
+
+    cfg: Any
+    task: Task
+    task_cfg: Any
+    device: torch.device
+    data: Data
+    env: Dict[str, Any]
+
+    @property
+    def model_fn(self) -> Callable[[], nn.Module]:
+        return self.task.model_fn(self.task_cfg, self.data)
+
+    def header(self, kind: str) -> Dict[str, Any]:
+        payload = payload_header(kind, self.task.name, {kind: self.cfg, "task": self.task_cfg}, self.device,
+                                 self.data.synthetic, self.env)
+        payload["data"] = self.data.info
+        return payload
+
+    def path(self, kind: str) -> Path:
+        return results_path(self.task_cfg, self.task.name, kind, self.task.tag(self.task_cfg), self.data.synthetic)
+
+
+def open_session(cls: type, argv: Optional[Sequence[str]]) -> Session:
+    """Parse ``cls`` (which has a ``task`` field) together with that task's config, and load the data.
+
+    Options are shared: ``--epochs 20`` reaches the task config, ``--trials 10`` the script's own.
+    """
+    task = load_task(peek_option(argv, "task", cls().task))
+    cfg, task_cfg = parse_config(argv, cls, task.config)
+    device = setup_runtime(task_cfg)
+    env = environment(device)
+    return Session(cfg, task, task_cfg, device, task.load_data(task_cfg, device), env)
+
+
 def results_path(cfg: Any, task: str, kind: str, tag: str, synthetic: bool) -> Path:
     """``--out`` if given, else ``<results_dir or benchmarks/results/<task>>/<kind>_<tag>[_quick][_synthetic].json``."""
     if cfg.out:
@@ -840,22 +910,36 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def payload_header(kind: str, task: str, configs: Dict[str, Any], device: torch.device,
-                   synthetic: bool) -> Dict[str, Any]:
-    """The fields every results file starts with: what ran, on what, with which configuration."""
+def payload_header(kind: str, task: str, configs: Dict[str, Any], device: torch.device, synthetic: bool,
+                   env: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The fields every results file starts with: what ran, on what, with which configuration.
+
+    ``env`` is :func:`environment` taken when the run started (taken now if omitted).
+    """
     return {
         "kind": kind,
         "task": task,
         "synthetic": synthetic,
         "config": {name: dataclasses.asdict(c) for name, c in configs.items()},
-        "environment": environment(device),
+        "environment": env if env is not None else environment(device),
     }
+
+
+def _dumps(value: Any, level: int = 0) -> str:
+    """JSON with one key per line but every list of numbers on one line: readable and small."""
+    pad = " " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(str(k))}: {_dumps(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * level + "}"
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return "[\n" + ",\n".join(pad + _dumps(v, level + 1) for v in value) + "\n" + " " * level + "]"
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
 
 def write_results(payload: Dict[str, Any], path: Path) -> Path:
     """Write a results file (creating its directory) and return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n")
+    path.write_text(_dumps(_jsonable(payload)) + "\n")
     return path
 
 
@@ -876,35 +960,45 @@ def format_table(rows: List[Dict[str, Any]], columns: Sequence[Tuple[str, str, s
 
 def geometric_mean(values: Optional[Sequence[float]]) -> Optional[float]:
     """Geometric mean of the positive entries (one number for per-group hyperparameters)."""
-    positive = [v for v in (values or []) if v is not None and v > 0]
-    return math.exp(sum(map(math.log, positive)) / len(positive)) if positive else None
+    values = [v for v in (values or []) if v is not None]
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return 0.0 if values else None
+    return math.exp(sum(map(math.log, positive)) / len(positive))
 
 
-def summary_rows(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per method of a comparison, for printing and for the results file."""
+def _mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None
+    return float(np.mean(finite)), (float(np.std(finite, ddof=1)) if len(finite) > 1 else None)
+
+
+def summary_rows(results: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One row per method of a comparison: means (and the test loss's standard deviation) over the
+    seeds that did not diverge, final hyperparameters as geometric means over groups and seeds."""
     rows = []
-    for method, result in results.items():
-        final = result["final"]
-        rows.append({
-            "method": method,
-            "test_loss": final.get("test_loss"),
-            "test_acc": final.get("test_acc"),
-            "val_loss": final.get("val_loss"),
-            "test_loss_at_best_val": final.get("test_loss_at_best_val"),
-            "lr": geometric_mean(final.get("lr")),
-            "weight_decay": geometric_mean(final.get("weight_decay")),
-            "groups": len(result["groups"]),
-            "wall_time_s": final["wall_time_s"],
-            "diverged": final["diverged"],
-        })
+    for method, runs in results.items():
+        finals = [run["final"] for run in runs]
+        test_loss, test_loss_std = _mean_std([f.get("test_loss") for f in finals])
+        row: Dict[str, Any] = {"method": method, "test_loss": test_loss, "test_loss_std": test_loss_std}
+        for key in ("test_acc", "val_loss", "test_loss_at_best_val", "wall_time_s"):
+            row[key] = _mean_std([f.get(key) for f in finals])[0]
+        for name in ("lr", "weight_decay"):
+            row[name] = geometric_mean([v for f in finals for v in (f.get(name) or [])])
+        row.update(groups=len(runs[0]["groups"]), seeds=len(runs), diverged=sum(f["diverged"] for f in finals),
+                   per_seed_test_loss=[f.get("test_loss") for f in finals],
+                   per_seed_test_acc=[f.get("test_acc") for f in finals])
+        rows.append(row)
     return rows
 
 
 SUMMARY_COLUMNS = (
-    ("method", "method", ""), ("test_loss", "test loss", ".4f"), ("test_acc", "test acc", ".4f"),
-    ("val_loss", "val loss", ".4f"), ("test_loss_at_best_val", "test@best val", ".4f"),
-    ("lr", "final lr", ".3g"), ("weight_decay", "final wd", ".3g"), ("groups", "groups", "d"),
-    ("wall_time_s", "train s", ".1f"),
+    ("method", "method", ""), ("test_loss", "test loss", ".4f"), ("test_loss_std", "+-", ".4f"),
+    ("test_acc", "test acc", ".4f"), ("val_loss", "val loss", ".4f"),
+    ("test_loss_at_best_val", "test@best val", ".4f"), ("lr", "final lr", ".3g"),
+    ("weight_decay", "final wd", ".3g"), ("groups", "groups", "d"), ("wall_time_s", "train s", ".1f"),
+    ("diverged", "diverged", "d"),
 )
 
 
@@ -912,18 +1006,23 @@ def compare_main(task: Task, argv: Optional[Sequence[str]] = None) -> Dict[str, 
     """A task script's entry point: run every configured method, write the results file, print a table."""
     cfg = parse_config(argv, task.config)
     device = setup_runtime(cfg)
+    env = environment(device)
     start = time.perf_counter()
     data = task.load_data(cfg, device)
     model_fn = task.model_fn(cfg, data)
-    results = {method: run_method(method, model_fn, data, cfg) for method in cfg.methods}
-    payload = payload_header("compare", task.name, {"task": cfg}, device, data.synthetic)
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    results = {method: [run_method(method, model_fn, data, dataclasses.replace(cfg, seed=seed)) for seed in seeds]
+               for method in cfg.methods}
+    payload = payload_header("compare", task.name, {"task": cfg}, device, data.synthetic, env)
     payload["data"] = data.info
     payload["total_wall_time_s"] = _round(time.perf_counter() - start)
     payload["summary"] = summary_rows(results)
-    payload["methods"] = results
+    payload["methods"] = results  # method -> one run per seed
     path = write_results(payload, results_path(cfg, task.name, "compare", task.tag(cfg), data.synthetic))
     label = " (synthetic data)" if data.synthetic else ""
-    print(f"\n{task.name} / {task.tag(cfg)}{label}: {cfg.epochs} epochs, seed {cfg.seed}, {payload['environment']['device_name']}")
+    seed_text = f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {seeds[0]}-{seeds[-1]} (mean, std)"
+    print(f"\n{task.name} / {task.tag(cfg)}{label}: {cfg.epochs} epochs, {seed_text}, "
+          f"{payload['environment']['device_name']}")
     print(format_table(payload["summary"], SUMMARY_COLUMNS))
     print(f"results: {path}  ({payload['total_wall_time_s']:.0f} s in all)")
     payload["path"] = str(path)
