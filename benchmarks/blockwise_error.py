@@ -50,7 +50,8 @@ def _hypergradients(influence: str, cfg: Config, steps: int) -> torch.Tensor:
     torch.manual_seed(cfg.seed)
     model = common.mlp(64, 128, 4, 10).double()
     opt = ohotorch.OHO(ohotorch.layerwise(model), lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, influence=influence, hvp="central", meta_lr=0.0)
+                       weight_decay=cfg.weight_decay, influence=influence, hvp="central", meta_lr=0.0,
+                       discount=1.0)
     xt, yt, xv, yv = _digits()
     g = torch.Generator().manual_seed(cfg.seed + 1)
 

@@ -103,7 +103,8 @@ class OHO(Optimizer):
         bounds: ``{name: (low, high)}`` projection bounds; defaults lr >= 0, weight_decay >= 0,
             0 <= momentum <= 0.999.
         influence: ``"exact"`` (default) or ``"blockwise"`` (one tangent per name summed over groups,
-            read out per group: cost independent of the number of groups, exact for one group).
+            read out per group: cost independent of the number of groups, exact for one group). With
+            the greedy horizon the two coincide and both use the blockwise layout.
         hvp: ``"forward"`` (default, 1 gradient per HVP) or ``"central"`` (2, second-order accurate).
         fd_rel: relative finite-difference step ``r``; default sqrt(u) (forward) or u^(1/3) (central)
             for the parameters' dtype unit roundoff u.
@@ -119,7 +120,9 @@ class OHO(Optimizer):
             closure leaves them untouched. Without it, each extra closure evaluation updates them again.
         foreach: use the ``torch._foreach_*`` path (default: when every parameter is on CUDA).
 
-    Diagnostics after each step and hyper-step are in :attr:`diagnostics`.
+    A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
+    the new starting point and its meta-optimizer state restarts. Diagnostics after each step and
+    hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
     """
 
     def __init__(
@@ -277,9 +280,13 @@ class OHO(Optimizer):
         return any(group["tune"] for group in self.param_groups)
 
     def _keys(self) -> List[Tuple[Optional[int], str]]:
-        """The tangents: (group index, name) in exact mode, (None, name) in blockwise mode."""
+        """The tangents: (group index, name) in exact mode, (None, name) in blockwise mode.
+
+        With the greedy horizon (discount 0) no HVP couples the groups and the two modes give the same
+        hypergradients, so exact mode takes blockwise's layout (K = tuned names, not groups x names).
+        """
         if self._oho["keys"] is None:
-            if self.influence == "exact":
+            if self.influence == "exact" and self.discount > 0.0:
                 keys = [(g, n) for g, group in enumerate(self.param_groups) for n in group["tune"]]
             else:
                 names = {n for group in self.param_groups for n in group["tune"]}
@@ -636,21 +643,26 @@ class OHO(Optimizer):
             phi = meta.to_meta(name, theta, self.space)
             grad = h * meta.meta_derivative(name, theta, self.space)
             lr = self.meta_lr[name]
+            state = self._oho["meta_state"].setdefault(f"{g}/{name}", {})
+            if state.get("written", theta) != theta:
+                # Someone else (the user, a scheduler, a checkpoint edit) set this value: the moments
+                # measured at the old scale would freeze or fling it, so the meta-optimizer restarts.
+                state.clear()
             if self.meta_optimizer == "adam":
-                state = self._oho["meta_state"].setdefault(f"{g}/{name}", {})
                 new_phi = meta.meta_adam_step(phi, grad, state, lr=lr, betas=self.meta_betas, eps=self.meta_eps)
             else:
                 new_phi = meta.meta_sgd_step(phi, grad, lr=lr)
             new_theta = meta.project(meta.from_meta(name, new_phi, self.space), self.bounds[name])
             if lr == 0.0:
                 new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
-            proposals.append((group, name, new_theta))
-        if not all(math.isfinite(t) for _, _, t in proposals):
+            proposals.append((group, name, new_theta, state))
+        if not all(math.isfinite(t) for _, _, t, _ in proposals):
             self._oho["nonfinite_hypergradients"] += 1
             warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
             return hyper
-        for group, name, theta in proposals:
+        for group, name, theta, state in proposals:
             group[name] = theta
+            state["written"] = theta
         self._oho["hyper_steps"] += 1
         self.diagnostics["val_loss"] = loss_value
         self.diagnostics["hypergradient"] = {

@@ -59,3 +59,32 @@ def test_poor_initial_lr_is_corrected(lr0, direction):
     else:
         assert lr < lr0 / 2
     assert tuned_loss < frozen_loss
+
+
+def test_outside_change_restarts_the_meta_optimizer():
+    """A user (or scheduler) resets lr mid-run: OHO starts over from the new value instead of staying
+    frozen under second moments measured at the old scale."""
+    torch.manual_seed(0)
+    xt, yt, xv, yv = digits(torch.float32)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = ohotorch.OHO(model.parameters(), lr=0.05)
+
+    def closure_for(x, y):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        idx = torch.randint(0, len(xt), (50,), generator=g)
+        vidx = torch.randint(0, len(xv), (50,), generator=g)
+        if step == 150:
+            opt.param_groups[0]["lr"] = 0.002
+        opt.step(closure_for(xt[idx], yt[idx]))
+        opt.hyper_step(closure_for(xv[vidx], yv[vidx]))
+        if step == 150:
+            assert opt._oho["meta_state"]["0/lr"]["t"] == 1.0  # restarted
+    assert opt.param_groups[0]["lr"] > 0.004  # it moves again, toward the lr it had found
