@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ohotorch
-from helpers import digits
+from helpers import closures, digits
 
 EPOCHS = 12
 
@@ -69,22 +69,14 @@ def test_outside_change_restarts_the_meta_optimizer():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     opt = ohotorch.OHO(model.parameters(), lr=0.05)
 
-    def closure_for(x, y):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        return closure
-
     g = torch.Generator().manual_seed(0)
     for step in range(300):
         idx = torch.randint(0, len(xt), (50,), generator=g)
         vidx = torch.randint(0, len(xv), (50,), generator=g)
         if step == 150:
             opt.param_groups[0]["lr"] = 0.002
-        opt.step(closure_for(xt[idx], yt[idx]))
-        opt.hyper_step(closure_for(xv[vidx], yv[vidx]))
+        opt.step(closures(opt, model, (xt[idx], yt[idx])))
+        opt.hyper_step(closures(opt, model, (xv[vidx], yv[vidx])))
         if step == 150:
             assert opt._oho["meta_state"]["0/lr"]["t"] == 1.0  # restarted
     assert opt.param_groups[0]["lr"] > 0.004  # it moves again, toward the lr it had found
