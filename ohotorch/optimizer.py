@@ -21,10 +21,9 @@ from .sgd_tangents import sgd_apply_, sgd_direction_, sgd_tangent_update_
 __all__ = ["OHO"]
 
 Closure = Callable[[], Any]
-_TANGENT_KEYS = ("tangent_w", "tangent_b")
 
 
-def _canonical_tune(tune: Any) -> Tuple[str, ...]:
+def _canonical_tune(tune: Any, allowed: Tuple[str, ...] = meta.HYPERPARAMETERS) -> Tuple[str, ...]:
     if isinstance(tune, str):
         tune = (tune,)
     try:
@@ -32,11 +31,9 @@ def _canonical_tune(tune: Any) -> Tuple[str, ...]:
     except TypeError:
         raise TypeError(f"tune must be a collection of hyperparameter names, got {tune!r}") from None
     for name in names:
-        if not isinstance(name, str) or name not in meta.HYPERPARAMETERS:
-            raise ValueError(
-                f"Unknown hyperparameter in tune: {name!r}; tunable ones are {meta.HYPERPARAMETERS}"
-            )
-    return tuple(n for n in meta.HYPERPARAMETERS if n in names)
+        if not isinstance(name, str) or name not in allowed:
+            raise ValueError(f"Unknown hyperparameter in tune: {name!r}; tunable ones are {allowed}")
+    return tuple(n for n in allowed if n in names)
 
 
 def _real(value: Any, what: str) -> float:
@@ -149,6 +146,19 @@ class OHO(Optimizer):
         module: Optional[nn.Module] = None,
         foreach: Optional[bool] = None,
     ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            weight_decay=weight_decay, tune=self._canonical_tune(tune),
+        )
+        self._configure(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
+                        meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
+                        fd_rel=fd_rel, reset_every=reset_every, discount=discount, module=module,
+                        foreach=foreach)
+        Optimizer.__init__(self, params, defaults)
+
+    def _configure(self, *, meta_lr, meta_optimizer, meta_betas, meta_eps, space, bounds, influence, hvp,
+                   fd_rel, reset_every, discount, module, foreach) -> None:
+        """Validate and store the options shared by every inner optimizer (meta-update, influence)."""
         if meta_optimizer not in ("adam", "sgd"):
             raise ValueError(f"Invalid meta_optimizer: {meta_optimizer!r} (use 'adam' or 'sgd')")
         if space not in ("log", "raw"):
@@ -187,16 +197,11 @@ class OHO(Optimizer):
         self.module = module
         self.foreach = foreach
         self.diagnostics: Dict[str, Any] = {}
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-            weight_decay=weight_decay, tune=_canonical_tune(tune),
-        )
         # Counters and meta-optimizer state shared by all parameters (saved by state_dict under "oho").
         self._oho: Dict[str, Any] = {
             "steps": 0, "hyper_steps": 0, "keys": None, "meta_state": {},
             "nonfinite_hypergradients": 0, "nonfinite_influence": 0,
         }
-        super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -238,8 +243,13 @@ class OHO(Optimizer):
             result[name] = (low, high)
         return result
 
-    @staticmethod
-    def _check_group(group: Dict[str, Any]) -> None:
+    TUNABLE: Tuple[str, ...] = meta.HYPERPARAMETERS
+
+    @classmethod
+    def _canonical_tune(cls, tune: Any) -> Tuple[str, ...]:
+        return _canonical_tune(tune, cls.TUNABLE)
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
         lr = _real(group["lr"], "lr")
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"Invalid learning rate: {group['lr']}")
@@ -254,7 +264,7 @@ class OHO(Optimizer):
             raise ValueError(f"Invalid dampening value: {group['dampening']}")
         if group["nesterov"] and (mu <= 0.0 or damp != 0.0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        group["tune"] = _canonical_tune(group["tune"])
+        group["tune"] = self._canonical_tune(group["tune"])
         if "momentum" in group["tune"] and mu == 0.0 and damp != 0.0:
             raise ValueError(
                 "Cannot tune momentum from 0 with dampening != 0: torch.optim.SGD's update jumps at "
@@ -303,6 +313,10 @@ class OHO(Optimizer):
     def _uses_buffer(group: Dict[str, Any]) -> bool:
         return group["momentum"] != 0 or "momentum" in group["tune"]
 
+    def _tangent_buffers(self, group: Dict[str, Any]) -> Tuple[str, ...]:
+        """Per-tangent companions of w' that the inner optimizer's state needs (b' for momentum)."""
+        return ("tangent_b",) if self._uses_buffer(group) else ()
+
     def _use_foreach(self, params: Sequence[Tensor]) -> bool:
         if self.foreach is not None:
             return bool(self.foreach)
@@ -313,8 +327,9 @@ class OHO(Optimizer):
         if n_keys and "tangent_w" not in state:
             dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
             state["tangent_w"] = torch.zeros((n_keys, *p.shape), dtype=dtype, device=p.device)
-        if n_keys and self._uses_buffer(group) and "tangent_b" not in state:
-            state["tangent_b"] = torch.zeros_like(state["tangent_w"])
+        for name in self._tangent_buffers(group) if n_keys else ():
+            if name not in state:
+                state[name] = torch.zeros_like(state["tangent_w"])
         return state
 
     # ------------------------------------------------------------------ step
@@ -371,21 +386,7 @@ class OHO(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("OHO does not support sparse gradients")
             states = [self._state_for(p, group, n_keys) for p in params]
-            bufs = [s.get("momentum_buffer") for s in states]
-            first = [b is None for b in bufs]
-            foreach = self._use_foreach(params)
-            uses_buffer = self._uses_buffer(group)
-            direction, previous = sgd_direction_(
-                params, [p.grad for p in params], bufs,
-                weight_decay=group["weight_decay"], momentum=group["momentum"],
-                dampening=group["dampening"], nesterov=group["nesterov"], use_buffer=uses_buffer,
-                keep_previous_buffer="momentum" in group["tune"], foreach=foreach,
-            )
-            if uses_buffer:
-                for s, b in zip(states, bufs):
-                    s["momentum_buffer"] = b
-            work.append(dict(params=params, states=states, bufs=bufs, first=first, direction=direction,
-                             previous=previous, foreach=foreach))
+            work.append(self._prepare(group, params, states))
 
         if tuning and loss is not None:
             finite_loss = bool(torch.isfinite(torch.as_tensor(loss)).all())
@@ -398,7 +399,7 @@ class OHO(Optimizer):
 
         for g, group in enumerate(self.param_groups):
             if work[g] is not None:
-                sgd_apply_(work[g]["params"], work[g]["direction"], lr=group["lr"], foreach=work[g]["foreach"])
+                self._apply(group, work[g])
         self._oho["steps"] += 1
         return loss
 
@@ -444,6 +445,33 @@ class OHO(Optimizer):
                                                                   for s in w["states"]]
                 self._update_tangent(group, w, j, key, g, hv)
             offset += n
+
+    # ------------------------------------------------------------------ the inner optimizer (SGD)
+    def _prepare(self, group: Dict[str, Any], params: List[Tensor], states: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Advance the inner optimizer's state and compute its direction, without moving the weights."""
+        bufs = [s.get("momentum_buffer") for s in states]
+        first = [b is None for b in bufs]
+        foreach = self._use_foreach(params)
+        uses_buffer = self._uses_buffer(group)
+        direction, previous = sgd_direction_(
+            params, [p.grad for p in params], bufs,
+            weight_decay=group["weight_decay"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], use_buffer=uses_buffer,
+            keep_previous_buffer="momentum" in group["tune"], foreach=foreach,
+        )
+        if uses_buffer:
+            for s, b in zip(states, bufs):
+                s["momentum_buffer"] = b
+        return dict(params=params, states=states, bufs=bufs, first=first, direction=direction,
+                    previous=previous, foreach=foreach)
+
+    def _apply(self, group: Dict[str, Any], w: Dict[str, Any]) -> None:
+        """Move the weights (after the influence update, which needs w_t)."""
+        sgd_apply_(w["params"], w["direction"], lr=group["lr"], foreach=w["foreach"])
+
+    def _initialise_inner_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
+        if self._uses_buffer(group) and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p)
 
     def _update_tangent(self, group, w, j, key, g, hv) -> None:
         uses_buffer = self._uses_buffer(group)
@@ -507,7 +535,7 @@ class OHO(Optimizer):
 
     # ------------------------------------------------------------------ influence bookkeeping
     def _tangent_tensors(self) -> List[Tensor]:
-        return [s[k] for s in self.state.values() for k in _TANGENT_KEYS if k in s]
+        return [t for s in self.state.values() for k, t in s.items() if k.startswith("tangent_")]
 
     def _zero_influence(self) -> None:
         for t in self._tangent_tensors():
@@ -534,10 +562,8 @@ class OHO(Optimizer):
             if not math.isfinite(n):
                 self._oho["nonfinite_influence"] += 1
                 warnings.warn(f"OHO: the influence for {keys[j]} became non-finite and was reset to zero")
-                for s in self.state.values():
-                    for k in _TANGENT_KEYS:
-                        if k in s:
-                            s[k][j].zero_()
+                for t in self._tangent_tensors():
+                    t[j].zero_()
                 norms[j] = 0.0
         self.diagnostics["influence_norm"] = {self._key_name(k): n for k, n in zip(keys, norms)}
         return norms, weight_norm
@@ -691,9 +717,7 @@ class OHO(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self._state_for(p, group, n_keys)
-                if self._uses_buffer(group) and state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(p)
+                self._initialise_inner_state(group, p, self._state_for(p, group, n_keys))
 
     @property
     def counters(self) -> Dict[str, int]:
@@ -713,7 +737,7 @@ class OHO(Optimizer):
         state_dict = dict(state_dict)
         oho = state_dict.pop("oho", None)
         # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
-        saved_dtypes = {idx: {k: s[k].dtype for k in _TANGENT_KEYS if k in s}
+        saved_dtypes = {idx: {k: v.dtype for k, v in s.items() if k.startswith("tangent_")}
                         for idx, s in state_dict.get("state", {}).items()}
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
@@ -723,7 +747,7 @@ class OHO(Optimizer):
                 if p in self.state and k in self.state[p]:
                     self.state[p][k] = self.state[p][k].to(dtype)
         for group in self.param_groups:
-            group["tune"] = _canonical_tune(group.get("tune", ()))
+            group["tune"] = self._canonical_tune(group.get("tune", ()))
         if oho is not None:
             restored = dict(oho)
             restored["meta_state"] = {k: dict(v) for k, v in oho["meta_state"].items()}
