@@ -1,12 +1,14 @@
 """ohotorch: online hyperparameter optimisation as a drop-in torch.optim.Optimizer.
 
-``ohotorch.OHO`` trains like torch.optim.SGD and tunes lr / weight decay / momentum while it trains,
-from forward-mode (real-time recurrent) hypergradients of a validation loss.
+``ohotorch.OHO`` trains like torch.optim.SGD (``OHOAdam`` / ``OHOAdamW`` like torch.optim.Adam / AdamW)
+and tunes lr / weight decay (/ momentum) while it trains, from forward-mode (real-time recurrent)
+hypergradients of a validation loss.
 """
 from __future__ import annotations
 
+from .adam import OHOAdam, OHOAdamW
 from .groups import cycle, grouped, layerwise
 from .optimizer import OHO
 
-__all__ = ["OHO", "layerwise", "grouped", "cycle", "__version__"]
+__all__ = ["OHO", "OHOAdam", "OHOAdamW", "layerwise", "grouped", "cycle", "__version__"]
 __version__ = "0.1.0"

@@ -73,12 +73,16 @@ def oracle_hypergradients(
     *,
     dampening: float = 0.0,
     nesterov: bool = False,
-    use_buffer: bool,
+    use_buffer: bool = False,
+    rule: str = "sgd",
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> List[Dict[str, float]]:
     """dL_val(w_T)/d theta by reverse-mode autograd through T unrolled SGD steps.
 
     ``groups[k]`` lists parameter indices (in ``model.parameters()`` order) of hyper group k and
-    ``hypers[k]`` its {"lr", "weight_decay", "momentum"} values.
+    ``hypers[k]`` its {"lr", "weight_decay", "momentum"} values. ``rule`` is "sgd" (torch.optim.SGD),
+    "adam" (torch.optim.Adam, L2 decay) or "adamw" (decoupled decay).
     """
     names = [n for n, _ in model.named_parameters()]
     w0 = [p.detach().clone() for p in model.parameters()]
@@ -93,11 +97,24 @@ def oracle_hypergradients(
 
     w = [t.clone().requires_grad_(True) for t in w0]
     bufs = [None] * len(w)
-    for batch in train_batches:
+    moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in w0]
+    for step, batch in enumerate(train_batches, start=1):
         grads = torch.autograd.grad(loss_at(w, batch), w, create_graph=True)
         new_w = []
         for i, (wi, gi) in enumerate(zip(w, grads)):
             h = theta[owner[i]]
+            if rule in ("adam", "adamw"):
+                d = gi + h["weight_decay"] * wi if rule == "adam" else gi
+                m = betas[0] * moments[i][0] + (1 - betas[0]) * d
+                v = betas[1] * moments[i][1] + (1 - betas[1]) * d * d
+                moments[i] = (m, v)
+                # sqrt with a zero derivative where v = 0 (always-zero pixels of digits): torch's
+                # sqrt'(0) = inf would turn 0 * inf into NaN in the graph.
+                root = torch.where(v > 0, v, torch.ones_like(v)).sqrt() * (v > 0)
+                denom = root / (1 - betas[1] ** step) ** 0.5 + eps
+                kept = (1 - h["lr"] * h["weight_decay"]) * wi if rule == "adamw" else wi
+                new_w.append(kept - h["lr"] / (1 - betas[0] ** step) * m / denom)
+                continue
             d = gi + h["weight_decay"] * wi
             if use_buffer:
                 b = d if bufs[i] is None else h["momentum"] * bufs[i] + (1 - dampening) * d
