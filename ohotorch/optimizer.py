@@ -414,11 +414,14 @@ class OHO(Optimizer):
             rng_after = RNGSnapshot().capture()
             buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
             saved = [p.detach().clone() for p in active]
+            # A backup of the training gradient: DDP with gradient_as_bucket_view (and any hook that
+            # reuses gradient memory) writes every evaluation into the same tensors.
+            kept = [g.detach().clone() for g in train_grads]
             rel = self.fd_rel if self.fd_rel is not None else relative_step(active[0].dtype, self.hvp)
             for j in live:
                 eps = perturbation_scale(weight_norm, norms[j], rel)
                 tangent = [self.state[p]["tangent_w"][j].to(p.dtype) for p in active]
-                hv = self._fd_hvp(closure, active, all_params, tangent, eps, train_grads, saved,
+                hv = self._fd_hvp(closure, active, all_params, tangent, eps, train_grads, kept, saved,
                                   rng_before, buffers_before)
                 if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hv)).sum())):  # one sync
                     self._oho["nonfinite_influence"] += 1
@@ -496,9 +499,15 @@ class OHO(Optimizer):
                 foreach=w["foreach"],
             )
 
-    def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, saved, rng, buffers) -> List[Tensor]:
-        """H v for the training loss at the saved weights, by finite differences of ``closure``."""
+    def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, kept, saved, rng,
+                buffers) -> List[Tensor]:
+        """H v for the training loss at the saved weights, by finite differences of ``closure``.
+
+        Returns tensors of its own: when an evaluation wrote into the training gradient's memory (DDP
+        bucket views), the result is copied out and the training gradient restored from ``kept``.
+        """
         foreach = self._use_foreach(active)
+        train_ptrs = {g.data_ptr() for g in train_grads}
 
         def gradient_at(shift: float) -> List[Tensor]:
             if foreach:
@@ -514,7 +523,12 @@ class OHO(Optimizer):
                 p.grad = None  # the closure's backward allocates fresh gradients
             with torch.enable_grad():
                 self._check_loss(closure(), "closure")
-            return [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
+            if any(g.data_ptr() in train_ptrs for g in grads):
+                grads = [g.clone() for g in grads]
+                for g, k in zip(train_grads, kept):
+                    g.copy_(k)
+            return grads
 
         plus = gradient_at(eps)
         if self.hvp == "central":
@@ -597,6 +611,8 @@ class OHO(Optimizer):
 
         all_params = [p for group in self.param_groups for p in group["params"]]
         stashed = [p.grad for p in all_params]
+        kept = [g.detach().clone() if g is not None else None for g in stashed]  # see _fd_hvp
+        stashed_ptrs = {g.data_ptr() for g in stashed if g is not None}
         rng = RNGSnapshot().capture()
         buffers = BufferSnapshot(self.module.buffers()) if self.module is not None else None
         try:
@@ -606,8 +622,12 @@ class OHO(Optimizer):
                 loss = val_closure()
             self._check_loss(loss, "val_closure")
             val_grads = [p.grad for p in all_params]
+            if any(v is not None and v.data_ptr() in stashed_ptrs for v in val_grads):
+                val_grads = [v.clone() if v is not None else None for v in val_grads]
         finally:
-            for p, grad in zip(all_params, stashed):
+            for p, grad, backup in zip(all_params, stashed, kept):
+                if grad is not None and grad.data_ptr() in {v.data_ptr() for v in [p.grad] if v is not None}:
+                    grad.copy_(backup)
                 p.grad = grad
             rng.restore()
             if buffers is not None:

@@ -17,7 +17,8 @@ def test_overhead_smoke(tmp_path):
     overhead.main(["--models", "mlp", "--batch-size", "8", "--val-batch-size", "8", "--iters", "10",
                    "--warmup", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]["mlp"]["variants"]
-    assert rows["sgd"]["ratio_to_sgd"] == pytest.approx(1.0)
+    assert rows["sgd"]["ratio_to_baseline"] == pytest.approx(1.0)
+    assert rows["oho_adamw_global"]["baseline"] == "adamw" and rows["oho_adam_greedy"]["baseline"] == "adam"
     assert rows["oho_global"]["tangents"] == 2 and rows["oho_layer_exact"]["tangents"] == 6
     assert all(r["ms"] > 0 for r in rows.values())
 
