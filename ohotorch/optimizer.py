@@ -68,7 +68,7 @@ class OHO(Optimizer):
     (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
     zero, so none at all with the default greedy horizon ``discount=0``), plus one validation gradient
     per ``hyper_step``. Memory: K tangents (2K with momentum) of the parameters' size, plus, while HVPs
-    run, a copy of the weights and one gradient.
+    run, a copy of the weights, a backup of the training gradient and one gradient.
 
     **Drop-in change** to an SGD loop::
 
