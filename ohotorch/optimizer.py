@@ -449,6 +449,54 @@ class OHO(Optimizer):
                 self._update_tangent(group, w, j, key, g, hv)
             offset += n
 
+    def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, kept, saved, rng,
+                buffers) -> List[Tensor]:
+        """H v for the training loss at the saved weights, by finite differences of ``closure``.
+
+        Returns tensors of its own: when an evaluation wrote into the training gradient's memory (DDP
+        bucket views), the result is copied out and the training gradient restored from ``kept``.
+        """
+        foreach = self._use_foreach(active)
+        train_ptrs = {g.data_ptr() for g in train_grads}
+
+        def gradient_at(shift: float) -> List[Tensor]:
+            if foreach:
+                torch._foreach_copy_(active, saved)
+                torch._foreach_add_(active, tangent, alpha=shift)
+            else:
+                for p, s, v in zip(active, saved, tangent):
+                    p.copy_(s).add_(v, alpha=shift)
+            rng.restore()  # same dropout masks as the training evaluation
+            if buffers is not None:
+                buffers.restore()  # same buffers as it saw
+            for p in all_params:
+                p.grad = None  # the closure's backward allocates fresh gradients
+            with torch.enable_grad():
+                self._check_loss(closure(), "closure")
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
+            if any(g.data_ptr() in train_ptrs for g in grads):
+                grads = [g.clone() for g in grads]
+                for g, k in zip(train_grads, kept):
+                    g.copy_(k)
+            return grads
+
+        plus = gradient_at(eps)
+        if self.hvp == "central":
+            minus = gradient_at(-eps)
+            scale = 2.0 * eps
+        else:
+            minus = train_grads
+            scale = eps
+        for p, s in zip(active, saved):
+            p.copy_(s)  # exact restore: the perturbation is never undone arithmetically
+        if foreach:
+            torch._foreach_sub_(plus, minus)
+            torch._foreach_div_(plus, scale)
+        else:
+            for a, b in zip(plus, minus):
+                a.sub_(b).div_(scale)
+        return plus
+
     # ------------------------------------------------------------------ the inner optimizer (SGD)
     def _prepare(self, group: Dict[str, Any], params: List[Tensor], states: List[Dict[str, Any]]) -> Dict[str, Any]:
         """Advance the inner optimizer's state and compute its direction, without moving the weights."""
@@ -498,54 +546,6 @@ class OHO(Optimizer):
                 direct_momentum=key[1] == "momentum" and self._direct(key, g),
                 foreach=w["foreach"],
             )
-
-    def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, kept, saved, rng,
-                buffers) -> List[Tensor]:
-        """H v for the training loss at the saved weights, by finite differences of ``closure``.
-
-        Returns tensors of its own: when an evaluation wrote into the training gradient's memory (DDP
-        bucket views), the result is copied out and the training gradient restored from ``kept``.
-        """
-        foreach = self._use_foreach(active)
-        train_ptrs = {g.data_ptr() for g in train_grads}
-
-        def gradient_at(shift: float) -> List[Tensor]:
-            if foreach:
-                torch._foreach_copy_(active, saved)
-                torch._foreach_add_(active, tangent, alpha=shift)
-            else:
-                for p, s, v in zip(active, saved, tangent):
-                    p.copy_(s).add_(v, alpha=shift)
-            rng.restore()  # same dropout masks as the training evaluation
-            if buffers is not None:
-                buffers.restore()  # same buffers as it saw
-            for p in all_params:
-                p.grad = None  # the closure's backward allocates fresh gradients
-            with torch.enable_grad():
-                self._check_loss(closure(), "closure")
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
-            if any(g.data_ptr() in train_ptrs for g in grads):
-                grads = [g.clone() for g in grads]
-                for g, k in zip(train_grads, kept):
-                    g.copy_(k)
-            return grads
-
-        plus = gradient_at(eps)
-        if self.hvp == "central":
-            minus = gradient_at(-eps)
-            scale = 2.0 * eps
-        else:
-            minus = train_grads
-            scale = eps
-        for p, s in zip(active, saved):
-            p.copy_(s)  # exact restore: the perturbation is never undone arithmetically
-        if foreach:
-            torch._foreach_sub_(plus, minus)
-            torch._foreach_div_(plus, scale)
-        else:
-            for a, b in zip(plus, minus):
-                a.sub_(b).div_(scale)
-        return plus
 
     # ------------------------------------------------------------------ influence bookkeeping
     def _tangent_tensors(self) -> List[Tensor]:
