@@ -68,12 +68,7 @@ class OHOAdam(OHO):
         Optimizer.__init__(self, params, defaults)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
-        lr = _real(group["lr"], "lr")
-        if not (math.isfinite(lr) and lr >= 0.0):
-            raise ValueError(f"Invalid learning rate: {group['lr']}")
-        wd = _real(group["weight_decay"], "weight_decay")
-        if not (math.isfinite(wd) and wd >= 0.0):
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        self._check_lr_and_weight_decay(group)
         eps = _real(group["eps"], "eps")
         if not (math.isfinite(eps) and eps >= 0.0):
             raise ValueError(f"Invalid epsilon value: {group['eps']}")

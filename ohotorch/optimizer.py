@@ -249,13 +249,18 @@ class OHO(Optimizer):
     def _canonical_tune(cls, tune: Any) -> Tuple[str, ...]:
         return _canonical_tune(tune, cls.TUNABLE)
 
-    def _check_group(self, group: Dict[str, Any]) -> None:
+    @staticmethod
+    def _check_lr_and_weight_decay(group: Dict[str, Any]) -> None:
+        """The checks every inner optimizer shares (torch.optim's messages)."""
         lr = _real(group["lr"], "lr")
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"Invalid learning rate: {group['lr']}")
         wd = _real(group["weight_decay"], "weight_decay")
         if not (math.isfinite(wd) and wd >= 0.0):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        self._check_lr_and_weight_decay(group)
         mu = _real(group["momentum"], "momentum")
         if not (0.0 <= mu < 1.0):
             raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in [0, 1))")
@@ -626,8 +631,8 @@ class OHO(Optimizer):
                 val_grads = [v.clone() if v is not None else None for v in val_grads]
         finally:
             for p, grad, backup in zip(all_params, stashed, kept):
-                if grad is not None and grad.data_ptr() in {v.data_ptr() for v in [p.grad] if v is not None}:
-                    grad.copy_(backup)
+                if grad is not None and p.grad is not None and grad.data_ptr() == p.grad.data_ptr():
+                    grad.copy_(backup)  # the closure wrote into the kept gradient's memory
                 p.grad = grad
             rng.restore()
             if buffers is not None:

@@ -84,7 +84,7 @@ def sgd_direction_(
             for b, di in zip(bufs, ds):
                 b.mul_(momentum).add_(di, alpha=1 - dampening)
 
-    bufs_all = [b for b in momentum_buffers]  # type: ignore[misc]
+    bufs_all = list(momentum_buffers)
     if nesterov:
         if foreach:
             u = list(torch._foreach_add(d, bufs_all, alpha=momentum))

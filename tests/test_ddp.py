@@ -22,10 +22,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import ohotorch
-from helpers import batches, digits, mlp
+from helpers import batches, closures as _closure, digits, mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -59,18 +58,6 @@ def _shard(batch, rank, world):
     x, y = batch
     n = len(x) // world
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-
-
-def _closure(opt, net, batch):
-    x, y = batch
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def _snapshot(opt, params):
