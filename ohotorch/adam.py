@@ -19,7 +19,8 @@ __all__ = ["OHOAdam", "OHOAdamW"]
 
 # OHO's keyword options (the meta-update and influence), with OHO's defaults.
 _OPTIONS = dict(meta_lr=None, meta_optimizer="adam", meta_betas=(0.9, 0.999), meta_eps=1e-15, space="log",
-                bounds=None, influence="exact", hvp="forward", fd_rel=None, reset_every=None, discount=0.0,
+                bounds=None, influence="exact", hvp="forward", fd_rel=None, compute_dtype=None,
+                reset_every=None, discount=0.0,
                 module=None, foreach=None)
 
 
@@ -41,7 +42,7 @@ class OHOAdam(OHO):
             capturable are not supported).
         tune: any subset of ``("lr", "weight_decay")``.
         **options: OHO's meta-update and influence options (``meta_lr``, ``meta_optimizer``, ``space``,
-            ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``reset_every``, ``discount``, ``module``,
+            ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``compute_dtype``, ``reset_every``, ``discount``, ``module``,
             ``foreach``), with OHO's defaults.
     """
 

@@ -104,7 +104,12 @@ class OHO(Optimizer):
             the greedy horizon the two coincide and both use the blockwise layout.
         hvp: ``"forward"`` (default, 1 gradient per HVP) or ``"central"`` (2, second-order accurate).
         fd_rel: relative finite-difference step ``r``; default sqrt(u) (forward) or u^(1/3) (central)
-            for the parameters' dtype unit roundoff u.
+            for the unit roundoff u of ``compute_dtype``.
+        compute_dtype: the precision the closures compute gradients in. Default: the parameters'
+            dtype. Under ``torch.autocast(dtype=torch.bfloat16)`` the parameters stay float32 but the
+            gradients carry bf16 rounding, so pass ``torch.bfloat16``: the finite-difference step then
+            grows to match (forward: sqrt(2^-7) = 0.088 relative instead of 3.5e-4). Tangents and
+            hyperparameters stay float32 either way.
         reset_every: zero the tangents every N steps (truncated horizon); ``None`` never.
         discount: scale the tangents by gamma in [0, 1] before each update. 0 (default) is the greedy
             one-step horizon: hypergradient descent on the validation loss, no HVP at all. 1 is the full
@@ -141,6 +146,7 @@ class OHO(Optimizer):
         influence: str = "exact",
         hvp: str = "forward",
         fd_rel: Optional[float] = None,
+        compute_dtype: Optional[torch.dtype] = None,
         reset_every: Optional[int] = None,
         discount: float = 0.0,
         module: Optional[nn.Module] = None,
@@ -152,12 +158,12 @@ class OHO(Optimizer):
         )
         self._configure(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
                         meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
-                        fd_rel=fd_rel, reset_every=reset_every, discount=discount, module=module,
-                        foreach=foreach)
+                        fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
+                        discount=discount, module=module, foreach=foreach)
         Optimizer.__init__(self, params, defaults)
 
     def _configure(self, *, meta_lr, meta_optimizer, meta_betas, meta_eps, space, bounds, influence, hvp,
-                   fd_rel, reset_every, discount, module, foreach) -> None:
+                   fd_rel, compute_dtype, reset_every, discount, module, foreach) -> None:
         """Validate and store the options shared by every inner optimizer (meta-update, influence)."""
         if meta_optimizer not in ("adam", "sgd"):
             raise ValueError(f"Invalid meta_optimizer: {meta_optimizer!r} (use 'adam' or 'sgd')")
@@ -174,6 +180,9 @@ class OHO(Optimizer):
             raise ValueError(f"Invalid meta_eps: {meta_eps!r}")
         if fd_rel is not None and not (math.isfinite(fd_rel) and fd_rel > 0.0):
             raise ValueError(f"Invalid fd_rel: {fd_rel!r} (a positive number)")
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype)
+                                              and compute_dtype.is_floating_point):
+            raise TypeError(f"compute_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {compute_dtype!r}")
         if reset_every is not None and (
             isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1
         ):
@@ -192,6 +201,7 @@ class OHO(Optimizer):
         self.influence = influence
         self.hvp = hvp
         self.fd_rel = fd_rel
+        self.compute_dtype = compute_dtype
         self.reset_every = reset_every
         self.discount = float(discount)
         self.module = module
@@ -422,7 +432,8 @@ class OHO(Optimizer):
             # A backup of the training gradient: DDP with gradient_as_bucket_view (and any hook that
             # reuses gradient memory) writes every evaluation into the same tensors.
             kept = [g.detach().clone() for g in train_grads]
-            rel = self.fd_rel if self.fd_rel is not None else relative_step(active[0].dtype, self.hvp)
+            rel = self.fd_rel if self.fd_rel is not None else relative_step(
+                self.compute_dtype or active[0].dtype, self.hvp)
             for j in live:
                 eps = perturbation_scale(weight_norm, norms[j], rel)
                 tangent = [self.state[p]["tangent_w"][j].to(p.dtype) for p in active]
