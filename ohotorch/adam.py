@@ -34,19 +34,21 @@ class OHOAdam(OHO):
 
     and the influence :math:`(\dot w, \dot m, \dot v)` of every tuned scalar is carried by the
     derivative of that update (:mod:`ohotorch.adam_tangents`). Cost per step as :class:`OHO`; memory: 3
-    tangent tensors per tuned scalar. Drop-in: replace ``torch.optim.Adam(params, lr=...)`` by
-    ``ohotorch.OHOAdam(params, lr=...)`` and use closures as shown in :class:`OHO`.
+    tangent tensors per tuned scalar (1 with the greedy default, which keeps no m', v'). Drop-in:
+    replace ``torch.optim.Adam(params, lr=...)`` by ``ohotorch.OHOAdam(params, lr=...)`` and use
+    closures as shown in :class:`OHO`.
 
     Args:
         params, lr, betas, eps, weight_decay: as torch.optim.Adam (amsgrad, maximize, fused and
             capturable are not supported).
-        tune: any subset of ``("lr", "weight_decay")``.
+        tune: any subset of ``("lr", "lr_scale", "weight_decay")`` (``lr_scale``: a tuned multiplier
+            on a scheduled lr, see :class:`ohotorch.OHO`).
         **options: OHO's meta-update and influence options (``meta_lr``, ``meta_optimizer``, ``space``,
             ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``compute_dtype``, ``reset_every``, ``discount``, ``module``,
             ``foreach``), with OHO's defaults.
     """
 
-    TUNABLE = ("lr", "weight_decay")
+    TUNABLE = ("lr", "lr_scale", "weight_decay")
     decoupled = False
 
     def __init__(
@@ -63,7 +65,7 @@ class OHOAdam(OHO):
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments: {unknown}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, lr_scale=1.0, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         tune=self._canonical_tune(tune))
         self._configure(**{**_OPTIONS, **options})
         Optimizer.__init__(self, params, defaults)
@@ -81,6 +83,7 @@ class OHOAdam(OHO):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         Optimizer.__setstate__(self, state)
         for group in self.param_groups:
+            group.setdefault("lr_scale", 1.0)
             group.setdefault("tune", ("lr", "weight_decay"))
 
     def _tangent_buffers(self, group: Dict[str, Any]) -> Tuple[str, ...]:
@@ -99,28 +102,34 @@ class OHOAdam(OHO):
         beta1, beta2 = group["betas"]
         work = adam_direction_(
             params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            [s["step"] for s in states], lr=self._lr(group), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled=self.decoupled, foreach=foreach,
         )
         work.update(params=params, states=states, foreach=foreach)
         return work
 
     def _apply(self, group: Dict[str, Any], w: Dict[str, Any]) -> None:
-        adam_apply_(w["params"], [s["exp_avg"] for s in w["states"]], w["denom"], w["bc1"], lr=group["lr"],
+        adam_apply_(w["params"], [s["exp_avg"] for s in w["states"]], w["denom"], w["bc1"], lr=self._lr(group),
                     weight_decay=group["weight_decay"], decoupled=self.decoupled, foreach=w["foreach"])
 
     def _update_tangent(self, group, w, j, key, g, hv) -> None:
         states = w["states"]
         beta1, beta2 = group["betas"]
+
+        def companion(name):  # m', v' are not kept when the tangents restart from zero every step
+            return [s[name][j] for s in states] if all(name in s for s in states) else None
+
         adam_tangent_update_(
-            [s["tangent_w"][j] for s in states], [s["tangent_m"][j] for s in states],
-            [s["tangent_v"][j] for s in states], [h.to(s["tangent_w"].dtype) for h, s in zip(hv, states)],
+            [s["tangent_w"][j] for s in states], companion("tangent_m"), companion("tangent_v"),
+            None if hv is None else [h.to(s["tangent_w"].dtype) for h, s in zip(hv, states)],
             w["params"], w["d"], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             w["denom"], w["bc1"], w["bc2_sqrt"],
-            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            lr=self._lr(group), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
             decoupled=self.decoupled,
-            direct_lr=key[1] == "lr" and self._direct(key, g),
+            direct_lr=key[1] in ("lr", "lr_scale") and self._direct(key, g),
+            lr_derivative=self._lr_derivative(group, key),
             direct_weight_decay=key[1] == "weight_decay" and self._direct(key, g),
+            foreach=w["foreach"],
         )
 
 

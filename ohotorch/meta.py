@@ -31,17 +31,20 @@ __all__ = [
     "meta_adam_step",
 ]
 
-HYPERPARAMETERS: Tuple[str, ...] = ("lr", "weight_decay", "momentum")
+# lr_scale multiplies a scheduled lr (the effective lr is group["lr"] * group["lr_scale"]): tuning it
+# lets a torch.optim.lr_scheduler own group["lr"] while OHO tunes the multiplier.
+HYPERPARAMETERS: Tuple[str, ...] = ("lr", "lr_scale", "weight_decay", "momentum")
 
 DEFAULT_BOUNDS: Dict[str, Tuple[float, float]] = {
     "lr": (0.0, math.inf),
+    "lr_scale": (0.0, math.inf),
     "weight_decay": (0.0, math.inf),
     "momentum": (0.0, 0.999),
 }
 
 # Offsets of the log-space map theta = exp(phi) - c. Far below any value a run would use, large enough
 # that a hyperparameter started at 0 leaves it in a few hundred Adam steps (c * e^(steps * meta_lr)).
-LOG_OFFSET: Dict[str, float] = {"lr": 1e-8, "weight_decay": 1e-6}
+LOG_OFFSET: Dict[str, float] = {"lr": 1e-8, "lr_scale": 1e-8, "weight_decay": 1e-6}
 
 # Default meta learning rate per (meta_optimizer, space); None means there is no safe default.
 # Evidence: benchmarks/defaults.py and benchmarks/results/defaults/.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import meta
-from .finite_differences import BufferSnapshot, RNGSnapshot, perturbation_scale, relative_step
+from .finite_differences import BufferSnapshot, RNGSnapshot, clone_all, perturbation_scale, relative_step
 from .sgd_tangents import sgd_apply_, sgd_direction_, sgd_tangent_update_
 
 __all__ = ["OHO"]
@@ -34,6 +34,11 @@ def _canonical_tune(tune: Any, allowed: Tuple[str, ...] = meta.HYPERPARAMETERS) 
         if not isinstance(name, str) or name not in allowed:
             raise ValueError(f"Unknown hyperparameter in tune: {name!r}; tunable ones are {allowed}")
     return tuple(n for n in allowed if n in names)
+
+
+def _is_sharded(p: Tensor) -> bool:
+    """A parameter that FSDP shards: a DTensor (FSDP2, tensor parallel) or FSDP1's FlatParameter."""
+    return type(p).__name__ in ("DTensor", "FlatParameter") or type(getattr(p, "data", None)).__name__ == "DTensor"
 
 
 def _real(value: Any, what: str) -> float:
@@ -88,8 +93,12 @@ class OHO(Optimizer):
             and :func:`ohotorch.grouped`). Groups may override lr, momentum, dampening, nesterov,
             weight_decay and tune.
         lr, momentum, dampening, nesterov, weight_decay: as torch.optim.SGD (initial values).
-        tune: names tuned online, any subset of ``("lr", "weight_decay", "momentum")``; ``()`` turns
-            OHO into plain SGD.
+        tune: names tuned online, any subset of ``("lr", "lr_scale", "weight_decay", "momentum")``;
+            ``()`` turns OHO into plain SGD. ``"lr_scale"`` is for runs with a
+            ``torch.optim.lr_scheduler``: the scheduler owns ``group["lr"]`` exactly as with
+            torch.optim, OHO tunes the multiplier ``group["lr_scale"]`` (start 1), and each step uses
+            ``lr * lr_scale``, so warmup and decay still shape the lr. Tuning ``"lr"`` while a scheduler
+            drives the group is refused (each would overwrite the other).
         meta_lr: meta learning rate, a float or ``{name: float}``. ``None`` takes the scale-free
             default of ``meta_optimizer="adam", space="log"`` (0.02: each hyper-step moves a
             hyperparameter by at most about 2% of its value); ``0`` computes hypergradients but never
@@ -123,8 +132,8 @@ class OHO(Optimizer):
         foreach: use the ``torch._foreach_*`` path (default: when every parameter is on CUDA).
 
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
-    the new starting point and its meta-optimizer state restarts. Diagnostics after each step and
-    hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
+    the new starting point and its meta-optimizer state restarts (with a warning for lr). Diagnostics
+    after each step and hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
     """
 
     def __init__(
@@ -153,7 +162,7 @@ class OHO(Optimizer):
         foreach: Optional[bool] = None,
     ) -> None:
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
             weight_decay=weight_decay, tune=self._canonical_tune(tune),
         )
         self._configure(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
@@ -254,6 +263,8 @@ class OHO(Optimizer):
         return result
 
     TUNABLE: Tuple[str, ...] = meta.HYPERPARAMETERS
+    # GradScaler then hands step() its scale instead of silently unscaling around it: step() refuses it.
+    _step_supports_amp_scaling = True
 
     @classmethod
     def _canonical_tune(cls, tune: Any) -> Tuple[str, ...]:
@@ -265,6 +276,14 @@ class OHO(Optimizer):
         lr = _real(group["lr"], "lr")
         if not (math.isfinite(lr) and lr >= 0.0):
             raise ValueError(f"Invalid learning rate: {group['lr']}")
+        group.setdefault("lr_scale", 1.0)
+        scale = _real(group["lr_scale"], "lr_scale")
+        if not (math.isfinite(scale) and scale >= 0.0):
+            raise ValueError(f"Invalid lr_scale: {group['lr_scale']} (a finite multiplier >= 0)")
+        tune = group.get("tune", ())
+        if "lr" in tune and "lr_scale" in tune:
+            raise ValueError("tune 'lr' or 'lr_scale', not both: the effective lr is lr * lr_scale, so the two "
+                             "hypergradients are the same direction")
         wd = _real(group["weight_decay"], "weight_decay")
         if not (math.isfinite(wd) and wd >= 0.0):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
@@ -292,13 +311,32 @@ class OHO(Optimizer):
                              "tensors are laid out for the groups present at the first step")
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
+        for p in self.param_groups[-1]["params"]:
+            if _is_sharded(p):
+                raise TypeError(
+                    f"{type(self).__name__} does not support FSDP (or any sharded {type(p).__name__} "
+                    "parameter): the finite-difference step and the hypergradients are norms and dot products "
+                    "over whole parameters, which a shard does not hold. Use DistributedDataParallel, "
+                    "which OHO supports with no change to the training loop."
+                )
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # keep checkpoints of earlier versions loadable
+            group.setdefault("lr_scale", 1.0)
             group.setdefault("nesterov", False)
             group.setdefault("dampening", 0.0)
             group.setdefault("tune", ("lr", "weight_decay"))
+
+    def _check_no_scheduler_on_tuned_lr(self) -> None:
+        # torch.optim.lr_scheduler.LRScheduler marks the groups it drives with "initial_lr".
+        for g, group in enumerate(self.param_groups):
+            if "initial_lr" in group and "lr" in group["tune"]:
+                raise RuntimeError(
+                    f"An lr scheduler drives param group {g} while OHO tunes its 'lr': each would overwrite "
+                    "the other. Tune the multiplier instead, tune=('lr_scale', ...): the scheduler sets "
+                    "group['lr'], OHO tunes group['lr_scale'], and the step uses lr * lr_scale."
+                )
 
     # ------------------------------------------------------------------ layout helpers
     def _tuning(self) -> bool:
@@ -325,6 +363,16 @@ class OHO(Optimizer):
         return owner == g if owner is not None else name in self.param_groups[g]["tune"]
 
     @staticmethod
+    def _lr(group: Dict[str, Any]) -> float:
+        """The lr a step uses: the group's (scheduled) lr times OHO's multiplier (1 unless tuned)."""
+        return group["lr"] * group["lr_scale"]
+
+    @staticmethod
+    def _lr_derivative(group: Dict[str, Any], key: Tuple[Optional[int], str]) -> float:
+        """d(effective lr)/d(theta) for the lr-like tangent ``key``."""
+        return group["lr"] if key[1] == "lr_scale" else group["lr_scale"]
+
+    @staticmethod
     def _uses_buffer(group: Dict[str, Any]) -> bool:
         return group["momentum"] != 0 or "momentum" in group["tune"]
 
@@ -342,7 +390,8 @@ class OHO(Optimizer):
         if n_keys and "tangent_w" not in state:
             dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
             state["tangent_w"] = torch.zeros((n_keys, *p.shape), dtype=dtype, device=p.device)
-        for name in self._tangent_buffers(group) if n_keys else ():
+        # The greedy horizon never reads b' (or m', v') after the step that wrote them: not kept.
+        for name in self._tangent_buffers(group) if n_keys and self.discount > 0.0 else ():
             if name not in state:
                 state[name] = torch.zeros_like(state["tangent_w"])
         return state
@@ -357,7 +406,18 @@ class OHO(Optimizer):
         the first evaluation. Afterwards ``p.grad`` holds that evaluation's gradient, the RNG and the
         module's buffers are as one ordinary evaluation leaves them.
         """
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            self.__dict__.pop("grad_scale", None)  # GradScaler deletes them only when step returns
+            self.__dict__.pop("found_inf", None)
+            raise RuntimeError(
+                "OHO cannot run under torch.amp.GradScaler (fp16 loss scaling): every OHO step re-evaluates "
+                "the closure, which GradScaler can neither scale nor check for infs (it refuses closures). "
+                "Train in bf16 instead: torch.autocast(device_type, dtype=torch.bfloat16) inside the closures "
+                "needs no loss scaling; pass compute_dtype=torch.bfloat16 to OHO."
+            )
         tuning = self._tuning()
+        if tuning:
+            self._check_no_scheduler_on_tuned_lr()
         if closure is None and tuning:
             if self._is_state_initialisation():
                 self._initialise_state()
@@ -371,11 +431,11 @@ class OHO(Optimizer):
 
         norms: List[float] = [0.0] * n_keys
         weight_norm = 0.0
+        fresh = False  # every tangent is zero before this step's update (greedy horizon or a reset)
         if tuning:
             reset = self.reset_every is not None and self._oho["steps"] % self.reset_every == 0
-            if reset or self.discount == 0.0:
-                self._zero_influence()  # zero_, not mul_(0): a NaN tangent must not survive
-            else:
+            fresh = reset or self.discount == 0.0
+            if not fresh:
                 if self.discount < 1.0:
                     self._scale_influence(self.discount)
                 norms, weight_norm = self._influence_norms(keys)
@@ -408,9 +468,11 @@ class OHO(Optimizer):
             if not finite_loss:
                 self._oho["nonfinite_influence"] += 1
                 warnings.warn("OHO: non-finite training loss; the influence was left unchanged this step")
+                if fresh:
+                    self._zero_influence()  # what the horizon left of it: nothing
             else:
                 self._advance_influence(closure, keys, norms, weight_norm, live, work, rng_before,
-                                        buffers_before)
+                                        buffers_before, fresh)
 
         for g, group in enumerate(self.param_groups):
             if work[g] is not None:
@@ -419,8 +481,16 @@ class OHO(Optimizer):
         return loss
 
     def _advance_influence(self, closure, keys, norms, weight_norm, live, work, rng_before,
-                           buffers_before) -> None:
+                           buffers_before, fresh) -> None:
         active = [p for w in work if w is not None for p in w["params"]]
+        if fresh:
+            # The fresh update overwrites the tangents of the parameters that step; those of the
+            # others (no gradient this step) must read zero too. zero_, not mul_(0): NaN must not survive.
+            ids = {id(p) for p in active}
+            idle = [t for p, s in self.state.items() if id(p) not in ids
+                    for k, t in s.items() if k.startswith("tangent_")]
+            if idle:
+                torch._foreach_zero_(idle)
         train_grads = [p.grad for p in active]
         hvps: Dict[int, List[Tensor]] = {}
         if live:
@@ -428,10 +498,10 @@ class OHO(Optimizer):
             stashed = [p.grad for p in all_params]
             rng_after = RNGSnapshot().capture()
             buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
-            saved = [p.detach().clone() for p in active]
+            saved = clone_all(active)
             # A backup of the training gradient: DDP with gradient_as_bucket_view (and any hook that
             # reuses gradient memory) writes every evaluation into the same tensors.
-            kept = [g.detach().clone() for g in train_grads]
+            kept = clone_all(train_grads)
             rel = self.fd_rel if self.fd_rel is not None else relative_step(
                 self.compute_dtype or active[0].dtype, self.hvp)
             for j in live:
@@ -460,8 +530,12 @@ class OHO(Optimizer):
             for j, key in enumerate(keys):
                 if j in live and j not in hvps:
                     continue  # non-finite HVP: keep this tangent as it was
-                hv = hvps[j][offset:offset + n] if j in hvps else [torch.zeros_like(s["tangent_w"][j])
-                                                                  for s in w["states"]]
+                if j in hvps:
+                    hv = hvps[j][offset:offset + n]
+                elif fresh:
+                    hv = None  # zero tangents: the fresh update overwrites them, no HVP needed
+                else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
+                    hv = [torch.zeros_like(s["tangent_w"][j]) for s in w["states"]]
                 self._update_tangent(group, w, j, key, g, hv)
             offset += n
 
@@ -503,8 +577,12 @@ class OHO(Optimizer):
         else:
             minus = train_grads
             scale = eps
-        for p, s in zip(active, saved):
-            p.copy_(s)  # exact restore: the perturbation is never undone arithmetically
+        # Exact restore: the perturbation is never undone arithmetically.
+        if foreach:
+            torch._foreach_copy_(active, saved)
+        else:
+            for p, s in zip(active, saved):
+                p.copy_(s)
         if foreach:
             torch._foreach_sub_(plus, minus)
             torch._foreach_div_(plus, scale)
@@ -534,7 +612,7 @@ class OHO(Optimizer):
 
     def _apply(self, group: Dict[str, Any], w: Dict[str, Any]) -> None:
         """Move the weights (after the influence update, which needs w_t)."""
-        sgd_apply_(w["params"], w["direction"], lr=group["lr"], foreach=w["foreach"])
+        sgd_apply_(w["params"], w["direction"], lr=self._lr(group), foreach=w["foreach"])
 
     def _initialise_inner_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
         if self._uses_buffer(group) and state.get("momentum_buffer") is None:
@@ -547,20 +625,22 @@ class OHO(Optimizer):
             idx = [i for i, f in enumerate(w["first"]) if f == first_step]
             if not idx:
                 continue
+            keep_b = uses_buffer and "tangent_b" in w["states"][idx[0]]
             sgd_tangent_update_(
                 [w["states"][i]["tangent_w"][j] for i in idx],
-                [w["states"][i]["tangent_b"][j] for i in idx] if uses_buffer else None,
-                [hv[i].to(w["states"][i]["tangent_w"].dtype) for i in idx],
+                [w["states"][i]["tangent_b"][j] for i in idx] if keep_b else None,
+                None if hv is None else [hv[i].to(w["states"][i]["tangent_w"].dtype) for i in idx],
                 [w["params"][i] for i in idx],
                 [w["bufs"][i] for i in idx] if uses_buffer else None,
                 [w["previous"][i] for i in idx],
                 [w["direction"][i] for i in idx],
-                lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                lr=self._lr(group), weight_decay=group["weight_decay"], momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], first_step=first_step,
-                direct_lr=key[1] == "lr" and self._direct(key, g),
+                direct_lr=key[1] in ("lr", "lr_scale") and self._direct(key, g),
+                lr_derivative=self._lr_derivative(group, key),
                 direct_weight_decay=key[1] == "weight_decay" and self._direct(key, g),
                 direct_momentum=key[1] == "momentum" and self._direct(key, g),
-                foreach=w["foreach"],
+                foreach=w["foreach"], use_buffer=uses_buffer,
             )
 
     # ------------------------------------------------------------------ influence bookkeeping
@@ -584,10 +664,10 @@ class OHO(Optimizer):
         pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
         if not keys or not pairs:
             return [0.0] * len(keys), 0.0
-        per_param = [torch.linalg.vector_norm(t.reshape(len(keys), -1), dim=1).double() for _, t in pairs]
-        weights = [torch.linalg.vector_norm(p.detach()).double() for p, _ in pairs]
-        stacked = torch.cat([torch.stack(per_param).pow(2).sum(0), torch.stack(weights).pow(2).sum(0, keepdim=True)])
-        *norms, weight_norm = stacked.sqrt().tolist()
+        # One multi-tensor norm per tangent (and one for the weights), squared and summed in float64.
+        lists = [[t[j] for _, t in pairs] for j in range(len(keys))] + [[p.detach() for p, _ in pairs]]
+        squares = [torch.stack(torch._foreach_norm(ts)).double().pow(2).sum() for ts in lists]
+        *norms, weight_norm = torch.stack(squares).sqrt().tolist()
         for j, n in enumerate(norms):
             if not math.isfinite(n):
                 self._oho["nonfinite_influence"] += 1
@@ -627,7 +707,9 @@ class OHO(Optimizer):
 
         all_params = [p for group in self.param_groups for p in group["params"]]
         stashed = [p.grad for p in all_params]
-        kept = [g.detach().clone() if g is not None else None for g in stashed]  # see _fd_hvp
+        present = [g for g in stashed if g is not None]
+        copies = iter(clone_all(present))  # backups, see _fd_hvp
+        kept = [next(copies) if g is not None else None for g in stashed]
         stashed_ptrs = {g.data_ptr() for g in stashed if g is not None}
         rng = RNGSnapshot().capture()
         buffers = BufferSnapshot(self.module.buffers()) if self.module is not None else None
@@ -706,10 +788,18 @@ class OHO(Optimizer):
             grad = h * meta.meta_derivative(name, theta, self.space)
             lr = self.meta_lr[name]
             state = self._oho["meta_state"].setdefault(f"{g}/{name}", {})
-            if state.get("written", theta) != theta:
+            previous = state.get("written", theta)
+            if previous != theta:
                 # Someone else (the user, a scheduler, a checkpoint edit) set this value: the moments
                 # measured at the old scale would freeze or fling it, so the meta-optimizer restarts.
                 state.clear()
+                if name == "lr":
+                    warnings.warn(
+                        f"OHO: the lr of param group {g} was changed from outside since the last hyper_step "
+                        f"({previous} -> {theta}); OHO continues from the new value. If a "
+                        "scheduler (e.g. ReduceLROnPlateau) sets it, tune 'lr_scale' instead of 'lr' so the "
+                        "two do not overwrite each other."
+                    )
             if self.meta_optimizer == "adam":
                 new_phi = meta.meta_adam_step(phi, grad, state, lr=lr, betas=self.meta_betas, eps=self.meta_eps)
             else:
@@ -742,7 +832,7 @@ class OHO(Optimizer):
 
     def _is_state_initialisation(self) -> bool:
         """The distributed-checkpoint idiom: step() with zero grads and lr = 0 to create the state."""
-        if any(group["lr"] != 0 for group in self.param_groups):
+        if any(self._lr(group) != 0 for group in self.param_groups):
             return False
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         return all(not bool(g.any()) for g in grads)

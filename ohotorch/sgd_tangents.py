@@ -107,7 +107,7 @@ def sgd_apply_(params: List[Tensor], direction: List[Tensor], *, lr: float, fore
 def sgd_tangent_update_(
     tangent_w: List[Tensor],
     tangent_b: Optional[List[Tensor]],
-    hvp: List[Tensor],
+    hvp: Optional[List[Tensor]],
     params: List[Tensor],
     buffers: Optional[List[Tensor]],
     previous_buffers: Optional[List[Optional[Tensor]]],
@@ -123,21 +123,40 @@ def sgd_tangent_update_(
     direct_weight_decay: bool,
     direct_momentum: bool,
     foreach: bool,
+    use_buffer: Optional[bool] = None,
+    lr_derivative: float = 1.0,
 ) -> None:
     r"""Advance one tangent pair :math:`(\dot w, \dot b)` by one SGD step, in place.
 
     ``hvp`` holds :math:`H_t \dot w_t` and is used as scratch (it is overwritten). ``params`` are the
     weights :math:`w_t` *before* the step, ``buffers`` :math:`b_t` (already advanced), ``previous_buffers``
     :math:`b_{t-1}`, ``direction`` :math:`u_t`. ``direct_*`` are the indicators :math:`[\theta = x]` for
-    the parameters in these lists. ``tangent_b`` is ``None`` when the group keeps no momentum buffer;
-    ``first_step`` means the buffers were created on this step (:math:`\dot b_1 = \dot d_1`).
+    the parameters in these lists; ``lr_derivative`` is :math:`d\eta/d\theta` for the lr tangent (1 for
+    lr itself, the scheduled lr for a multiplier on it, ``lr_scale``). ``use_buffer`` says whether the group keeps a momentum buffer
+    (default: ``tangent_b is not None``); ``first_step`` means the buffers were created on this step
+    (:math:`\dot b_1 = \dot d_1`).
+
+    ``hvp=None`` is the *fresh* update: the tangents are zero on entry (greedy horizon, reset step), so
+    their memory is overwritten, never read, and :math:`H_t \dot w_t = 0` needs no evaluation. Then
+    ``tangent_b`` may be ``None`` even with a buffer (the greedy horizon keeps no :math:`\dot b`). Cost:
+    at most 3 passes (e.g. lr: :math:`\dot w = -u_t`, one pass).
     """
+    if use_buffer is None:
+        use_buffer = tangent_b is not None
+    if hvp is None:
+        _fresh_tangent(
+            tangent_w, tangent_b, params, buffers, previous_buffers, direction, lr=lr, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, first_step=first_step, use_buffer=use_buffer,
+            direct_lr=direct_lr, direct_weight_decay=direct_weight_decay, direct_momentum=direct_momentum,
+            foreach=foreach, lr_derivative=lr_derivative,
+        )
+        return
     if foreach:
         _tangent_update_foreach(
             tangent_w, tangent_b, hvp, params, buffers, previous_buffers, direction,
             lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
             nesterov=nesterov, first_step=first_step, direct_lr=direct_lr,
-            direct_weight_decay=direct_weight_decay, direct_momentum=direct_momentum,
+            direct_weight_decay=direct_weight_decay, direct_momentum=direct_momentum, lr_derivative=lr_derivative,
         )
         return
     for i, (tw, d_dot) in enumerate(zip(tangent_w, hvp)):
@@ -163,13 +182,13 @@ def sgd_tangent_update_(
             u_dot = d_dot
         tw.add_(u_dot, alpha=-lr)
         if direct_lr:
-            tw.sub_(direction[i])
+            tw.add_(direction[i], alpha=-lr_derivative)
 
 
 def _tangent_update_foreach(
     tangent_w, tangent_b, hvp, params, buffers, previous_buffers, direction, *,
     lr, weight_decay, momentum, dampening, nesterov, first_step, direct_lr,
-    direct_weight_decay, direct_momentum,
+    direct_weight_decay, direct_momentum, lr_derivative,
 ) -> None:
     # Same ops as the reference loop above, one kernel per op for the whole list.
     d_dot = hvp
@@ -196,4 +215,70 @@ def _tangent_update_foreach(
         u_dot = d_dot
     torch._foreach_add_(tangent_w, u_dot, alpha=-lr)
     if direct_lr:
-        torch._foreach_sub_(tangent_w, direction)
+        torch._foreach_add_(tangent_w, direction, alpha=-lr_derivative)
+
+
+def _fresh_tangent(
+    tangent_w, tangent_b, params, buffers, previous_buffers, direction, *, lr, momentum, dampening, nesterov,
+    first_step, use_buffer, direct_lr, direct_weight_decay, direct_momentum, foreach, lr_derivative,
+) -> None:
+    r"""The tangent update from zero tangents: only the direct terms survive.
+
+    lr: :math:`\dot w = -(d\eta/d\theta)\, u_t,\ \dot b = 0`. Weight decay: :math:`\dot d = w_t`,
+    :math:`\dot b = \dot d\ (\text{first step}) \text{ or } (1-\tau)\dot d`. Momentum:
+    :math:`\dot d = 0,\ \dot b = b_{t-1}` (0 on a first step). Then
+    :math:`\dot u = \dot d + \mu \dot b\ (+\,[\theta=\mu] b_t)` (nesterov) or :math:`\dot b`, and
+    :math:`\dot w = -\eta \dot u - [\theta=\eta] u_t`. Written with scale-and-copy ops so that no
+    stale value (not even NaN) survives.
+    """
+    def scaled(dst, src, factor):  # dst <- factor * src, or 0 when src is None
+        if src is None:
+            if foreach:
+                torch._foreach_zero_(dst)
+            else:
+                for a in dst:
+                    a.zero_()
+        elif foreach:
+            torch._foreach_copy_(dst, src)
+            torch._foreach_mul_(dst, factor)
+        else:
+            for a, b in zip(dst, src):
+                a.copy_(b).mul_(factor)
+
+    def add(dst, src, factor):  # dst += factor * src
+        if foreach:
+            torch._foreach_add_(dst, src, alpha=factor)
+        else:
+            for a, b in zip(dst, src):
+                a.add_(b, alpha=factor)
+
+    # b' (the source of u' for the decay and momentum tangents), as a scale of an existing tensor list.
+    if direct_weight_decay:
+        b_src, b_scale = params, (1.0 if first_step else 1.0 - dampening)
+    elif direct_momentum and use_buffer and not first_step:
+        b_src, b_scale = previous_buffers, 1.0
+    else:
+        b_src, b_scale = None, 0.0
+    if tangent_b is not None:
+        scaled(tangent_b, b_src, b_scale)
+
+    if direct_lr:
+        scaled(tangent_w, direction, -lr_derivative)
+    elif direct_weight_decay:
+        if not use_buffer:
+            scaled(tangent_w, params, -lr)  # u' = d' = w
+        elif nesterov:  # u' = d' + mu b' = (1 + mu * b_scale) w
+            scaled(tangent_w, params, -lr * (1.0 + momentum * b_scale))
+        else:
+            scaled(tangent_w, params, -lr * b_scale)
+    elif direct_momentum and use_buffer:
+        if nesterov:  # u' = mu b' + b_t
+            scaled(tangent_w, buffers, -lr)
+            if b_src is not None:
+                add(tangent_w, b_src, -lr * momentum)
+        elif b_src is not None:
+            scaled(tangent_w, b_src, -lr)
+        else:
+            scaled(tangent_w, None, 0.0)
+    else:
+        scaled(tangent_w, None, 0.0)

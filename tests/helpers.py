@@ -6,7 +6,7 @@ forward-mode hypergradients must match.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +77,14 @@ def oracle_hypergradients(
     rule: str = "sgd",
     betas: Tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    scheduled_lr: Optional[Sequence[float]] = None,
 ) -> List[Dict[str, float]]:
     """dL_val(w_T)/d theta by reverse-mode autograd through T unrolled SGD steps.
 
     ``groups[k]`` lists parameter indices (in ``model.parameters()`` order) of hyper group k and
     ``hypers[k]`` its {"lr", "weight_decay", "momentum"} values. ``rule`` is "sgd" (torch.optim.SGD),
-    "adam" (torch.optim.Adam, L2 decay) or "adamw" (decoupled decay).
+    "adam" (torch.optim.Adam, L2 decay) or "adamw" (decoupled decay). ``scheduled_lr[t]`` (if given)
+    replaces every group's lr at step t + 1 (a scheduler's values); a group's "lr_scale" multiplies it.
     """
     names = [n for n, _ in model.named_parameters()]
     w0 = [p.detach().clone() for p in model.parameters()]
@@ -103,6 +105,9 @@ def oracle_hypergradients(
         new_w = []
         for i, (wi, gi) in enumerate(zip(w, grads)):
             h = theta[owner[i]]
+            lr = h["lr"] if scheduled_lr is None else scheduled_lr[step - 1]
+            if "lr_scale" in h:
+                lr = lr * h["lr_scale"]
             if rule in ("adam", "adamw"):
                 d = gi + h["weight_decay"] * wi if rule == "adam" else gi
                 m = betas[0] * moments[i][0] + (1 - betas[0]) * d
@@ -112,8 +117,8 @@ def oracle_hypergradients(
                 # sqrt'(0) = inf would turn 0 * inf into NaN in the graph.
                 root = torch.where(v > 0, v, torch.ones_like(v)).sqrt() * (v > 0)
                 denom = root / (1 - betas[1] ** step) ** 0.5 + eps
-                kept = (1 - h["lr"] * h["weight_decay"]) * wi if rule == "adamw" else wi
-                new_w.append(kept - h["lr"] / (1 - betas[0] ** step) * m / denom)
+                kept = (1 - lr * h["weight_decay"]) * wi if rule == "adamw" else wi
+                new_w.append(kept - lr / (1 - betas[0] ** step) * m / denom)
                 continue
             d = gi + h["weight_decay"] * wi
             if use_buffer:
@@ -122,7 +127,7 @@ def oracle_hypergradients(
                 u = d + h["momentum"] * b if nesterov else b
             else:
                 u = d
-            new_w.append(wi - h["lr"] * u)
+            new_w.append(wi - lr * u)
         w = new_w
     val = loss_at(w, val_batch)
     flat = [(k, n, t) for k, h in enumerate(theta) for n, t in h.items()]

@@ -76,7 +76,11 @@ def test_outside_change_restarts_the_meta_optimizer():
         if step == 150:
             opt.param_groups[0]["lr"] = 0.002
         opt.step(closures(opt, model, (xt[idx], yt[idx])))
-        opt.hyper_step(closures(opt, model, (xv[vidx], yv[vidx])))
+        if step == 150:
+            with pytest.warns(UserWarning, match="changed from outside"):
+                opt.hyper_step(closures(opt, model, (xv[vidx], yv[vidx])))
+        else:
+            opt.hyper_step(closures(opt, model, (xv[vidx], yv[vidx])))
         if step == 150:
             assert opt._oho["meta_state"]["0/lr"]["t"] == 1.0  # restarted
     assert opt.param_groups[0]["lr"] > 0.004  # it moves again, toward the lr it had found

@@ -16,6 +16,7 @@ CONFIGS = {
     "layerwise-blockwise": dict(influence="blockwise", layerwise=True, reset_every=7),
     "discount-central": dict(discount=0.9, hvp="central"),
     "greedy-sgd-log": dict(discount=0.0, meta_optimizer="sgd", meta_lr=0.01),
+    "lr-scale-full": dict(momentum=0.9, tune=("lr_scale", "weight_decay"), discount=1.0),
 }
 
 
@@ -69,7 +70,12 @@ def test_state_dict_holds_influence_meta_state_and_counters():
     opt = ohotorch.OHO(model.parameters(), lr=0.05, momentum=0.9)
     _train(model, opt, batches(xt, yt, 32, 3), batches(xv, yv, 32, 3))
     sd = opt.state_dict()
-    assert {"momentum_buffer", "tangent_w", "tangent_b"} <= set(sd["state"][0])
+    # The greedy default never reads b' after a step, so it keeps none; a longer horizon does.
+    assert set(sd["state"][0]) == {"momentum_buffer", "tangent_w"}
+    model2 = mlp(dtype=torch.float32)
+    full = ohotorch.OHO(model2.parameters(), lr=0.05, momentum=0.9, discount=1.0)
+    _train(model2, full, batches(xt, yt, 32, 1), batches(xv, yv, 32, 1))
+    assert set(full.state_dict()["state"][0]) == {"momentum_buffer", "tangent_w", "tangent_b"}
     assert sd["oho"]["steps"] == 3 and sd["oho"]["hyper_steps"] == 3
     assert sd["oho"]["meta_state"]  # Adam moments of the meta-optimizer
     assert sd["param_groups"][0]["tune"] == ("lr", "weight_decay")
