@@ -1,8 +1,8 @@
-"""Cost of an OHO step against a plain torch.optim.SGD step, measured side by side in one run.
+"""Cost of an OHO step against the plain torch.optim step, measured side by side in one run.
 
 For each model (an MLP on MNIST-shaped input, torchvision's ResNet18 on CIFAR-shaped input) it times:
 
-* ``sgd``: forward, backward, torch.optim.SGD.step (the baseline every ratio divides by);
+* ``sgd``: forward, backward, torch.optim.SGD.step (the baseline of the SGD-family variants);
 * ``oho_greedy``: OHO with its default greedy horizon (no HVP), ``hyper_step`` every step;
 * ``oho_global``: OHO, one hyper group, full horizon (exact RTRL), ``hyper_step`` every step;
 * ``oho_global_h10``: the same with ``hyper_step`` every 10 steps;
@@ -10,23 +10,57 @@ For each model (an MLP on MNIST-shaped input, torchvision's ResNet18 on CIFAR-sh
 * ``adam``: torch.optim.Adam, the baseline of ``oho_adam_greedy`` / ``oho_adam_global`` (OHOAdam with the
   default greedy horizon, and with the full horizon); ``adamw`` likewise for ``oho_adamw_global``.
 
-and reports median milliseconds per step, the ratio to ``sgd``, and memory: the optimizer state in
-units of the parameters' size (exact, any device) and, on CUDA, the peak allocated memory above the
-plain run's peak. Every variant sees the same batches, is warmed up, and is timed over ``iters``
-steps with device synchronisation around each step.
+and reports median milliseconds per step, the ratio to the matching plain step, and memory. Every
+variant sees the same batches, is warmed up, and is timed over ``iters`` steps with device
+synchronisation around each step.
+
+**Settings.** Each (precision, compiled) pair is a separate set of rows, and each OHO row divides by
+the plain step of its own setting:
+
+* ``--precisions fp32,bf16``: ``bf16`` runs every closure (training, finite-difference and validation)
+  under ``torch.autocast(device_type, dtype=torch.bfloat16)``; parameters, gradients, optimizer state
+  and tangents stay float32, and OHO/OHOAdam/OHOAdamW get ``compute_dtype=torch.bfloat16`` (the
+  finite-difference step sized for bf16's rounding). The plain baseline runs under the same autocast.
+* ``--compiled true`` (``false,true`` for both): the model is ``torch.compile``'d (``--compile-mode``,
+  ``--compile-backend``), the baseline's too; the optimizers stay eager. Compilation happens in the
+  warm-up, which is then at least 3 steps (the first OHO step has no HVP yet, the second has). Dynamo
+  is reset before every variant; each row records the frames compiled during warm-up, the seconds the
+  warm-up took, the recompiles during the timed steps, and the guard failures behind any recompile
+  (warm-up included: a validation batch of another size than the training batch adds one). OHO writes
+  its finite-difference perturbations into the parameters in place, which must cause none.
+
+Rows are keyed by variant for fp32 eager (the default run, as before) and ``variant@setting``
+otherwise (``oho_global@bf16``, ``sgd@fp32+compiled``).
+
+**Memory.** ``state_x_params``: the optimizer state in units of the parameters' size (exact, any
+device). On CUDA, with the cache emptied and the peak statistics reset before each variant builds its
+model (cuBLAS and cuDNN have made their workspaces before the first one):
+
+* ``peak_x_params``: the peak allocated memory during the timed steps, counted from before the model
+  was built (parameters, gradients, optimizer state, activations, temporaries), in units of the
+  parameters' size;
+* ``extra_peak_x_params``: the same minus the plain baseline's, to hold against the goal ``K + 2``
+  (``goal_x_params``, K = ``tangents``, one per tuned scalar; ``tangent_buffers`` counts the
+  parameter-sized tangent tensors in the optimizer state, several per tangent with momentum or Adam);
+* ``warmup_peak_x_params``: the peak during warm-up (state creation, compilation);
+* ``peak_mb_above_start``: the peak above the memory held after warm-up (what earlier versions
+  reported, which leaves out the optimizer state).
 
     python benchmarks/overhead.py                               # CPU or the GPU present
     python benchmarks/overhead.py --models resnet18 --batch-size 128 --iters 50
+    python benchmarks/overhead.py --precisions fp32,bf16 --compiled false,true
 """
 from __future__ import annotations
 
+import gc
+import logging
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -36,6 +70,9 @@ ohotorch = common.import_ohotorch()
 
 VARIANTS = ("sgd", "oho_greedy", "oho_global", "oho_global_h10", "oho_layer_blockwise", "oho_layer_exact",
             "adam", "oho_adam_greedy", "oho_adam_global", "adamw", "oho_adamw_global")
+PLAIN = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16")
+COMPILE_WARMUP = 3  # compile, then the first step with an HVP, then one more
 
 
 def baseline_of(variant: str) -> str:
@@ -46,26 +83,65 @@ def baseline_of(variant: str) -> str:
     return "sgd"
 
 
+def setting_name(precision: str, compiled: bool) -> str:
+    return precision + ("+compiled" if compiled else "")
+
+
+def row_key(variant: str, precision: str, compiled: bool) -> str:
+    """``variant`` for fp32 eager (the rows of earlier versions), else ``variant@setting``."""
+    if precision == "fp32" and not compiled:
+        return variant
+    return f"{variant}@{setting_name(precision, compiled)}"
+
+
 @dataclass
 class Config:
     models: Tuple[str, ...] = ("mlp", "resnet18")
     variants: Tuple[str, ...] = VARIANTS
+    precisions: Tuple[str, ...] = ("fp32",)  # fp32, bf16 (autocast closures, compute_dtype=torch.bfloat16)
+    compiled: Tuple[bool, ...] = (False,)  # true: torch.compile(model); false,true: both
+    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"
     batch_size: int = 128
     val_batch_size: int = 128
     iters: int = 20  # timed steps per variant
-    warmup: int = 3
+    warmup: int = 3  # at least 3 when compiled
     momentum: float = 0.9
     hvp: str = "forward"
     exact_layer_max_tangents: int = 64  # skip oho_layer_exact when it would carry more tangents
     device: str = "auto"
     threads: int = 0
     seed: int = 0
-    out: str = ""  # default: benchmarks/results/overhead/overhead_<device>.json
+    out: str = ""  # default: benchmarks/results/overhead/overhead_<device>[_<precisions>][_compiled].json
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}")
+        bad = [p for p in self.precisions if p not in PRECISIONS]
+        if bad or not self.precisions:
+            raise ValueError(f"Invalid precisions {self.precisions}; choose from {PRECISIONS}")
+        if not self.compiled:
+            raise ValueError("--compiled needs at least one of false, true")
+        for name in ("iters", "batch_size", "val_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
+
+    def suffix(self) -> str:
+        """The default results file's tag: empty for the default fp32 eager run."""
+        if self.precisions == ("fp32",) and tuple(self.compiled) == (False,):
+            return ""
+        compiled = {(False,): "", (True,): "_compiled"}.get(tuple(sorted(set(self.compiled))), "_eager_compiled")
+        return "_" + "_".join(self.precisions) + compiled
 
 
 def build(name: str) -> Tuple[nn.Module, Tuple[int, ...]]:
     if name == "mlp":  # MNIST-shaped: 784 -> 1000 -> 1000 -> 10
         model = nn.Sequential(nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000), nn.ReLU(),
+                              nn.Linear(1000, 10))
+        return model, (1, 28, 28)
+    if name == "mlp_gelu":  # the same MLP with a smooth activation: no ReLU kinks for finite differences to cross
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 1000), nn.GELU(), nn.Linear(1000, 1000), nn.GELU(),
                               nn.Linear(1000, 10))
         return model, (1, 28, 28)
     if name == "resnet18":  # CIFAR-shaped, the 32x32 adaptation (3x3 stem, no max-pool)
@@ -76,79 +152,121 @@ def build(name: str) -> Tuple[nn.Module, Tuple[int, ...]]:
     raise ValueError(f"Unknown model {name!r}")
 
 
-def make_optimizer(variant: str, model: nn.Module, cfg: Config):
+def make_optimizer(variant: str, model: nn.Module, cfg: Config,
+                   compute_dtype: Optional[torch.dtype] = None) -> torch.optim.Optimizer:
     if variant == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum)
     if variant in ("adam", "adamw"):
         return (torch.optim.Adam if variant == "adam" else torch.optim.AdamW)(model.parameters(), lr=1e-3)
     if variant.startswith(("oho_adam_", "oho_adamw_")):
         cls = ohotorch.OHOAdamW if variant.startswith("oho_adamw_") else ohotorch.OHOAdam
-        return cls(model.parameters(), lr=1e-3, module=model, hvp=cfg.hvp,
+        return cls(model.parameters(), lr=1e-3, module=model, hvp=cfg.hvp, compute_dtype=compute_dtype,
                    discount=0.0 if variant.endswith("_greedy") else 1.0)
     if variant == "oho_greedy":  # the defaults
-        return ohotorch.OHO(model.parameters(), lr=0.01, momentum=cfg.momentum, module=model)
+        return ohotorch.OHO(model.parameters(), lr=0.01, momentum=cfg.momentum, module=model,
+                            compute_dtype=compute_dtype)
     params = model.parameters() if variant.startswith("oho_global") else ohotorch.layerwise(model)
     influence = "exact" if variant in ("oho_global", "oho_global_h10", "oho_layer_exact") else "blockwise"
     return ohotorch.OHO(params, lr=0.01, momentum=cfg.momentum, module=model, influence=influence, hvp=cfg.hvp,
-                        discount=1.0)
+                        discount=1.0, compute_dtype=compute_dtype)
 
 
-def state_size(opt: torch.optim.Optimizer, model: nn.Module) -> float:
-    """Optimizer state in units of the parameters' size."""
-    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                if isinstance(t, torch.Tensor))
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return state / params
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def state_size(opt: torch.optim.Optimizer, model: nn.Module, prefix: str = "") -> float:
+    """Optimizer state (the entries whose name starts with ``prefix``) in units of the parameters' size."""
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+                if isinstance(t, torch.Tensor) and k.startswith(prefix))
+    return state / param_bytes(model)
+
+
+class RecompileLog:
+    """Dynamo's recompile messages (each names the guard that failed) while the context is active.
+
+    Turns on torch's ``recompiles`` log artifact, which also prints them on stderr.
+    """
+
+    def __init__(self) -> None:
+        self.messages: List[str] = []
+        self._logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+        self._handler = logging.Handler()
+        self._handler.emit = lambda record: self.messages.append(record.getMessage())  # type: ignore[method-assign]
+
+    def __enter__(self) -> "RecompileLog":
+        torch._logging.set_logs(recompiles=True)
+        self._logger.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self._handler)
+        torch._logging.set_logs()
+
+
+def _frames_compiled() -> int:
+    return int(torch._dynamo.utils.counters["frames"]["total"])
+
+
+def _reset_dynamo() -> None:
+    """Forget every compiled frame (and free what they hold) and zero dynamo's counters."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
 
 
 def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
-                 batches: List[Tuple[torch.Tensor, ...]]) -> Dict[str, Any]:
+                 batches: List[Tuple[torch.Tensor, ...]], precision: str = "fp32",
+                 compiled: bool = False) -> Dict[str, Any]:
+    cuda = device.type == "cuda"
+    if compiled:
+        _reset_dynamo()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
     common.seed_everything(cfg.seed)
     model, _ = build(name)
     model.to(device).train()
-    opt = make_optimizer(variant, model, cfg)
+    net = torch.compile(model, mode=cfg.compile_mode, backend=cfg.compile_backend) if compiled else model
+    bf16 = precision == "bf16"
+    opt = make_optimizer(variant, model, cfg, compute_dtype=torch.bfloat16 if bf16 else None)
     every = 10 if variant.endswith("_h10") else 1
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def one_step(i: int) -> None:
         x, y, xv, yv = batches[i % len(batches)]
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        if variant in ("sgd", "adam", "adamw"):
+        closure = common.make_closure(net, opt, x, y, device, bf16)
+        if variant in PLAIN:
             closure()
             opt.step()
             return
-
-        def val_closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(xv), yv)
-            loss.backward()
-            return loss
-
         opt.step(closure)
         if (i + 1) % every == 0:
-            opt.hyper_step(val_closure)
+            opt.hyper_step(common.make_closure(net, opt, xv, yv, device, bf16))
 
-    for i in range(cfg.warmup):
+    warmup = max(cfg.warmup, COMPILE_WARMUP) if compiled else cfg.warmup
+    t0 = time.perf_counter()
+    for i in range(warmup):
         one_step(i)
     sync()
-    if device.type == "cuda":
+    warmup_s = time.perf_counter() - t0
+    if cuda:
+        warmup_peak = torch.cuda.max_memory_allocated(device) - start
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    frames_warmup = _frames_compiled()
     times = []
     # h10 is timed over whole 10-step cycles so that the average includes its hyper-steps.
     steps = cfg.iters if every == 1 else max(cfg.iters // 10, 1) * 10
-    start_index = cfg.warmup
+    start_index = warmup
     if every > 1:
-        start_index = ((cfg.warmup + every - 1) // every) * every
-        for i in range(cfg.warmup, start_index):
+        start_index = ((warmup + every - 1) // every) * every
+        for i in range(warmup, start_index):
             one_step(i)
         sync()
+        frames_warmup = _frames_compiled()
     for i in range(start_index, start_index + steps):
         t0 = time.perf_counter()
         one_step(i)
@@ -159,11 +277,78 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
         ms = statistics.median(cycle_ms)
     else:
         ms = 1e3 * statistics.median(times)
-    result = {"ms": ms, "state_x_params": state_size(opt, model),
-              "tangents": len(getattr(opt, "_oho", {}).get("keys") or [])}
-    if device.type == "cuda":
-        result["peak_mb_above_start"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    size = param_bytes(model)
+    result: Dict[str, Any] = {
+        "variant": variant, "precision": precision, "compiled": compiled, "ms": ms,
+        "state_x_params": state_size(opt, model), "tangents": len(getattr(opt, "_oho", {}).get("keys") or []),
+        "tangent_buffers": round(state_size(opt, model, prefix="tangent_")), "warmup_steps": warmup,
+        "warmup_s": warmup_s,
+    }
+    if compiled:
+        result["frames_compiled_warmup"] = frames_warmup
+        result["recompiles_timed"] = _frames_compiled() - frames_warmup
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device)
+        result["peak_mb_above_start"] = (peak - base) / 2**20
+        result["peak_total_mb"] = (peak - start) / 2**20
+        result["peak_x_params"] = (peak - start) / size
+        result["warmup_peak_x_params"] = warmup_peak / size
     return result
+
+
+def make_batches(shape: Tuple[int, ...], cfg: Config, device: torch.device) -> List[Tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    return [
+        tuple(t.to(device) for t in (
+            torch.rand(cfg.batch_size, *shape, generator=g), torch.randint(0, 10, (cfg.batch_size,), generator=g),
+            torch.rand(cfg.val_batch_size, *shape, generator=g),
+            torch.randint(0, 10, (cfg.val_batch_size,), generator=g)))
+        for _ in range(4)
+    ]
+
+
+def initialise_libraries(name: str, batch: Tuple[torch.Tensor, ...], precisions: Sequence[str],
+                         device: torch.device) -> None:
+    """One forward and backward per precision before anything is measured: cuBLAS and cuDNN allocate
+    their handles and workspaces on first use and keep them, which would otherwise count in the memory
+    of whichever variant runs first."""
+    model, _ = build(name)
+    model.to(device).train()
+    for precision in precisions:
+        with common.autocast(device, precision == "bf16"):
+            loss = model(batch[0]).float().logsumexp(dim=1).mean()
+        loss.backward()
+    torch.cuda.synchronize(device)
+
+
+def compare(rows: Dict[str, Dict[str, Any]]) -> None:
+    """Add each row's ratios to its plain baseline (same setting) and to its eager twin."""
+    for row in rows.values():
+        if "ms" not in row:
+            continue
+        precision, compiled = row["precision"], row["compiled"]
+        base_key = row_key(baseline_of(row["variant"]), precision, compiled)
+        base = rows.get(base_key, {})
+        if "ms" in base:
+            row["baseline"] = base_key
+            row["ratio_to_baseline"] = row["ms"] / base["ms"]
+        if "peak_x_params" in row and "peak_x_params" in base:
+            row["extra_peak_x_params"] = row["peak_x_params"] - base["peak_x_params"]
+            row["peak_extra_mb_vs_baseline"] = row["peak_total_mb"] - base["peak_total_mb"]
+            if row["variant"] not in PLAIN:
+                row["goal_x_params"] = row["tangents"] + 2
+                row["meets_goal"] = row["extra_peak_x_params"] <= row["goal_x_params"]
+        eager = rows.get(row_key(row["variant"], precision, False), {})
+        if compiled and "ms" in eager:
+            row["ratio_to_eager"] = row["ms"] / eager["ms"]
+
+
+COLUMNS = [("variant", "variant", "s"), ("setting", "setting", "s"), ("ms", "ms/step", ".2f"),
+           ("ratio_to_baseline", "x base", ".2f"), ("ratio_to_eager", "x eager", ".2f"),
+           ("state_x_params", "state/params", ".2f"), ("tangents", "K", "d"),
+           ("peak_x_params", "peak/params", ".2f"), ("extra_peak_x_params", "extra/params", ".2f"),
+           ("goal_x_params", "K+2", "d"), ("recompiles_timed", "recompiles", "d"), ("warmup_s", "warmup s", ".1f"),
+           ("note", "note", "s")]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -173,47 +358,45 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device = common.resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    env = common.environment(device)
+    settings = [(p, c) for p in cfg.precisions for c in dict.fromkeys(cfg.compiled)]
     results: Dict[str, Any] = {}
+    recompile_log = RecompileLog()
     for name in cfg.models:
         model, shape = build(name)
         n_layers = len(ohotorch.layerwise(model))
-        g = torch.Generator().manual_seed(cfg.seed)
-        batches = [
-            tuple(t.to(device) for t in (
-                torch.rand(cfg.batch_size, *shape, generator=g), torch.randint(0, 10, (cfg.batch_size,), generator=g),
-                torch.rand(cfg.val_batch_size, *shape, generator=g),
-                torch.randint(0, 10, (cfg.val_batch_size,), generator=g)))
-            for _ in range(4)
-        ]
-        rows = {}
-        for variant in cfg.variants:
-            if variant == "oho_layer_exact" and 2 * n_layers > cfg.exact_layer_max_tangents:
-                rows[variant] = {"skipped": f"{2 * n_layers} tangents > exact_layer_max_tangents"}
-                continue
-            rows[variant] = time_variant(variant, name, cfg, device, batches)
-        for variant, row in rows.items():
-            base = rows.get(baseline_of(variant), {})
-            if "ms" in row and "ms" in base:
-                row["baseline"] = baseline_of(variant)
-                row["ratio_to_baseline"] = row["ms"] / base["ms"]
-            if device.type == "cuda" and "peak_mb_above_start" in row and "peak_mb_above_start" in base:
-                row["peak_extra_mb_vs_baseline"] = row["peak_mb_above_start"] - base["peak_mb_above_start"]
-        params_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        batches = make_batches(shape, cfg, device)
+        if device.type == "cuda":
+            initialise_libraries(name, batches[0], cfg.precisions, device)
+        rows: Dict[str, Dict[str, Any]] = {}
+        for precision, compiled in settings:
+            for variant in cfg.variants:
+                key = row_key(variant, precision, compiled)
+                if variant == "oho_layer_exact" and 2 * n_layers > cfg.exact_layer_max_tangents:
+                    rows[key] = {"variant": variant, "precision": precision, "compiled": compiled,
+                                 "skipped": f"{2 * n_layers} tangents > exact_layer_max_tangents"}
+                    continue
+                if compiled:
+                    with recompile_log:
+                        seen = len(recompile_log.messages)
+                        rows[key] = time_variant(variant, name, cfg, device, batches, precision, compiled)
+                        rows[key]["recompile_reasons"] = [m[:500] for m in recompile_log.messages[seen:][:3]]
+                else:
+                    rows[key] = time_variant(variant, name, cfg, device, batches, precision, compiled)
+        compare(rows)
+        params_mb = param_bytes(model) / 2**20
         results[name] = {"layers": n_layers, "params_mb": params_mb, "variants": rows}
         print(f"\n{name} ({n_layers} layers, {params_mb:.1f} MB of parameters), batch {cfg.batch_size}, "
               f"device {device}")
-        print(f"  {'variant':22s} {'ms/step':>9s} {'x base':>7s} {'state/params':>13s} {'tangents':>9s}")
-        for variant, row in rows.items():
-            if "skipped" in row:
-                print(f"  {variant:22s} skipped: {row['skipped']}")
-                continue
-            print(f"  {variant:22s} {row['ms']:9.2f} {row.get('ratio_to_baseline', float('nan')):7.2f} "
-                  f"{row['state_x_params']:13.2f} {row['tangents']:9d}  (vs {baseline_of(variant)})"
-                  + (f"  peak +{row['peak_extra_mb_vs_baseline']:.0f} MB" if "peak_extra_mb_vs_baseline" in row else ""))
-    payload = {"kind": "overhead", "config": cfg.__dict__, "environment": common.environment(device),
+        table = [dict(row, setting=setting_name(row["precision"], row["compiled"]), note=row.get("skipped"))
+                 for row in rows.values()]
+        print(common.format_table(table, COLUMNS))
+    payload = {"kind": "overhead", "config": cfg.__dict__, "environment": env,
+               "backends": {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+                            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+                            "cudnn_tf32": torch.backends.cudnn.allow_tf32},
                "results": results}
-    from pathlib import Path
-    path = Path(cfg.out) if cfg.out else common.RESULTS_DIR / "overhead" / f"overhead_{device.type}.json"
+    path = Path(cfg.out) if cfg.out else common.RESULTS_DIR / "overhead" / f"overhead_{device.type}{cfg.suffix()}.json"
     common.write_results(payload, path)
     print(f"\nwrote {path}")
     return payload

@@ -492,52 +492,61 @@ class OHO(Optimizer):
             if idle:
                 torch._foreach_zero_(idle)
         train_grads = [p.grad for p in active]
-        hvps: Dict[int, List[Tensor]] = {}
-        if live:
-            all_params = [p for group in self.param_groups for p in group["params"]]
-            stashed = [p.grad for p in all_params]
-            rng_after = RNGSnapshot().capture()
-            buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
-            saved = clone_all(active)
-            # A backup of the training gradient: DDP with gradient_as_bucket_view (and any hook that
-            # reuses gradient memory) writes every evaluation into the same tensors.
-            kept = clone_all(train_grads)
-            rel = self.fd_rel if self.fd_rel is not None else relative_step(
-                self.compute_dtype or active[0].dtype, self.hvp)
+
+        def update(j: int, hv: Optional[List[Tensor]]) -> None:
+            """Advance tangent j in every group; ``hv`` spans all active params (None: fresh update)."""
+            offset = 0
+            for g, group in enumerate(self.param_groups):
+                w = work[g]
+                if w is None:
+                    continue
+                n = len(w["params"])
+                if hv is not None:
+                    part: Optional[List[Tensor]] = hv[offset:offset + n]
+                elif fresh:
+                    part = None  # zero tangents: the fresh update overwrites them, no HVP needed
+                else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
+                    part = [torch.zeros_like(s["tangent_w"][j]) for s in w["states"]]
+                self._update_tangent(group, w, j, keys[j], g, part)
+                offset += n
+
+        for j in range(len(keys)):
+            if j not in live:
+                update(j, None)
+        if not live:
+            return
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        stashed = [p.grad for p in all_params]
+        rng_after = RNGSnapshot().capture()
+        buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
+        saved = clone_all(active)
+        # A backup of the training gradient only where gradient memory is a view into a larger buffer
+        # (DDP's gradient_as_bucket_view, flat-buffer hooks): such memory is rewritten by every backward.
+        # Fresh gradients from autograd are not views, so the backup (1x the parameters) is skipped.
+        kept = clone_all(train_grads) if any(g._base is not None for g in train_grads) else None
+        rel = self.fd_rel if self.fd_rel is not None else relative_step(
+            self.compute_dtype or active[0].dtype, self.hvp)
+        try:
             for j in live:
                 eps = perturbation_scale(weight_norm, norms[j], rel)
                 tangent = [self.state[p]["tangent_w"][j].to(p.dtype) for p in active]
                 hv = self._fd_hvp(closure, active, all_params, tangent, eps, train_grads, kept, saved,
                                   rng_before, buffers_before)
+                del tangent
                 if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hv)).sum())):  # one sync
                     self._oho["nonfinite_influence"] += 1
                     warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[j]}; that tangent was "
                                   "left unchanged this step")
                     continue
-                hvps[j] = hv
+                # Tangent j is updated at once (no other HVP reads it): one HVP alive at a time.
+                update(j, hv)
+                del hv
+        finally:
             for p, grad in zip(all_params, stashed):
                 p.grad = grad
             rng_after.restore()
             if buffers_after is not None:
                 buffers_after.restore()
-
-        offset = 0
-        for g, group in enumerate(self.param_groups):
-            w = work[g]
-            if w is None:
-                continue
-            n = len(w["params"])
-            for j, key in enumerate(keys):
-                if j in live and j not in hvps:
-                    continue  # non-finite HVP: keep this tangent as it was
-                if j in hvps:
-                    hv = hvps[j][offset:offset + n]
-                elif fresh:
-                    hv = None  # zero tangents: the fresh update overwrites them, no HVP needed
-                else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
-                    hv = [torch.zeros_like(s["tangent_w"][j]) for s in w["states"]]
-                self._update_tangent(group, w, j, key, g, hv)
-            offset += n
 
     def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, kept, saved, rng,
                 buffers) -> List[Tensor]:
@@ -565,6 +574,10 @@ class OHO(Optimizer):
                 self._check_loss(closure(), "closure")
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
             if any(g.data_ptr() in train_ptrs for g in grads):
+                if kept is None:  # never silently: the training gradient is gone
+                    raise RuntimeError(
+                        "OHO: the closure wrote its gradient into the memory of the training gradient, "
+                        "which is not a view OHO could have foreseen; please report this setup")
                 grads = [g.clone() for g in grads]
                 for g, k in zip(train_grads, kept):
                     g.copy_(k)
@@ -708,8 +721,9 @@ class OHO(Optimizer):
         all_params = [p for group in self.param_groups for p in group["params"]]
         stashed = [p.grad for p in all_params]
         present = [g for g in stashed if g is not None]
-        copies = iter(clone_all(present))  # backups, see _fd_hvp
-        kept = [next(copies) if g is not None else None for g in stashed]
+        # Backups only of gradient memory that a backward may rewrite in place (views: see _fd_hvp).
+        copies = iter(clone_all([g for g in present if g._base is not None]))
+        kept = [next(copies) if g is not None and g._base is not None else None for g in stashed]
         stashed_ptrs = {g.data_ptr() for g in stashed if g is not None}
         rng = RNGSnapshot().capture()
         buffers = BufferSnapshot(self.module.buffers()) if self.module is not None else None
@@ -725,6 +739,10 @@ class OHO(Optimizer):
         finally:
             for p, grad, backup in zip(all_params, stashed, kept):
                 if grad is not None and p.grad is not None and grad.data_ptr() == p.grad.data_ptr():
+                    if backup is None:
+                        raise RuntimeError(
+                            "OHO: the validation closure wrote its gradient into the memory of the training "
+                            "gradient, which is not a view OHO could have foreseen; please report this setup")
                     grad.copy_(backup)  # the closure wrote into the kept gradient's memory
                 p.grad = grad
             rng.restore()

@@ -216,3 +216,63 @@ def test_script_runs_from_the_command_line():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--epochs" in done.stdout and "--methods" in done.stdout
+
+
+def test_overhead_precisions_and_compile(tmp_path):
+    import overhead
+
+    out = tmp_path / "overhead.json"
+    # aot_eager: the compile machinery (dynamo, AOT autograd) without inductor's C++ build time.
+    overhead.main(BASE[:4] + ["--models", "mlp", "--variants", "sgd,oho_global,adam,oho_adam_greedy",
+                              "--precisions", "fp32,bf16", "--compiled", "false,true", "--compile-backend",
+                              "aot_eager", "--batch-size", "8", "--val-batch-size", "8", "--iters", "1",
+                              "--warmup", "1", "--out", str(out)])
+    payload = _load(out)
+    assert payload["environment"]["device"] == "cpu" and payload["config"]["precisions"] == ["fp32", "bf16"]
+    rows = payload["results"]["mlp"]["variants"]
+    assert set(rows) == {overhead.row_key(v, p, c) for v in ("sgd", "oho_global", "adam", "oho_adam_greedy")
+                         for p in ("fp32", "bf16") for c in (False, True)}
+    assert "oho_global" in rows and "oho_global@bf16+compiled" in rows  # fp32 eager keeps its old keys
+    for key, row in rows.items():
+        setting = "" if "@" not in key else "@" + key.split("@")[1]
+        assert row["baseline"] == overhead.baseline_of(row["variant"]) + setting  # same precision, same compile
+        assert row["ms"] > 0 and row["ratio_to_baseline"] > 0
+        if row["compiled"]:
+            assert row["warmup_steps"] == 3 and row["frames_compiled_warmup"] >= 1
+            assert row["recompiles_timed"] == 0 and row["ratio_to_eager"] > 0
+    assert rows["sgd@bf16"]["ratio_to_baseline"] == pytest.approx(1.0)
+    assert rows["oho_global@bf16"]["tangents"] == 2 and rows["oho_global@bf16"]["tangent_buffers"] == 4
+    assert "peak_x_params" not in rows["oho_global"]  # CUDA only
+    assert overhead.Config().suffix() == ""  # the default run keeps its file name
+    assert overhead.Config(precisions=("bf16",), compiled=(True,)).suffix() == "_bf16_compiled"
+    with pytest.raises(ValueError, match="precisions"):
+        overhead.Config(precisions=("fp16",))
+
+
+def test_bf16_accuracy_quick(tmp_path):
+    import bf16_accuracy
+
+    out = tmp_path / "bf16.json"
+    bf16_accuracy.main(BASE[:4] + ["--quick", "--out", str(out)])
+    payload = _load(out)
+    assert payload["kind"] == "bf16_accuracy" and payload["environment"]["device"] == "cpu"
+    assert payload["config"]["steps"] == 3 and payload["config"]["models"] == ["mlp"]
+    greedy, full = payload["results"]["mlp"]["greedy"], payload["results"]["mlp"]["full"]
+    assert set(greedy["trajectory"]) == {"bf16", "fp64"}  # no finite differences: no step settings
+    assert set(full["trajectory"]) == {"bf16", "bf16, fp32 step", "fp32, bf16 step", "bf16, fd_rel 0.03", "fp64"}
+    assert set(full["same_state_val"]) == {"bf16", "fp64"}  # one per precision
+    assert set(full["same_state_step"]) == set(full["trajectory"])
+    for block in (greedy, full):
+        assert len(block["reference"]["hypergradients"]["lr"]) == 3
+        for comparison in ("trajectory", "same_state_val", "same_state_step"):
+            for entry in block[comparison].values():
+                for metrics in entry["metrics"].values():
+                    assert math.isfinite(metrics["median_rel_err"]) and 0.0 <= metrics["sign_agreement"] <= 1.0
+        for entry in block["same_state_step"].values():
+            assert len(entry["tangent_rel_err"]["lr"]) == 3
+    # Greedy horizon (no finite differences): float32's own error, seen from float64, is far below bf16's.
+    err = {s: greedy["trajectory"][s]["metrics"]["lr"]["median_rel_err"] for s in ("bf16", "fp64")}
+    assert err["fp64"] < 1e-4 and err["fp64"] < err["bf16"]
+    # meta_lr=0: a finite-difference step changes tangents, never the weights.
+    assert full["trajectory"]["fp32, bf16 step"]["weight_drift"] == 0.0
+    assert len(payload["summary"]) == 2 + 2 + 2 + 5 + 2 + 5
