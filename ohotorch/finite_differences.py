@@ -69,12 +69,24 @@ class BufferSnapshot:
 
     Restoring writes into the existing buffer tensors, so references held elsewhere stay valid. Capture
     and restore are one multi-tensor copy each (a ResNet18 has ~180 buffers: per-tensor copies would
-    cost that many kernel launches, several times a step).
+    cost that many kernel launches, several times a step). ``storage``, a list the caller keeps between
+    steps, lends the copies' memory: later snapshots of the same buffers then allocate nothing.
     """
 
-    def __init__(self, buffers: Iterable[Tensor]) -> None:
+    def __init__(self, buffers: Iterable[Tensor], storage: Optional[List[Tensor]] = None) -> None:
         self.targets = [b for b in buffers]
-        self.values = clone_all(self.targets)
+        reusable = storage is not None and len(storage) == len(self.targets) and all(
+            s.shape == b.shape and s.dtype == b.dtype and s.device == b.device
+            for s, b in zip(storage, self.targets))
+        if reusable:
+            self.values = storage
+            if self.targets:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.values, [b.detach() for b in self.targets])
+        else:
+            self.values = clone_all(self.targets)
+            if storage is not None:
+                storage[:] = self.values
 
     def restore(self) -> None:
         if self.targets:

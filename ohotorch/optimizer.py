@@ -328,6 +328,13 @@ class OHO(Optimizer):
             group.setdefault("dampening", 0.0)
             group.setdefault("tune", ("lr", "weight_decay"))
 
+    def _snapshot(self, slot: str) -> Optional[BufferSnapshot]:
+        """The module's buffers now, in memory kept per ``slot`` (none allocated after the first step)."""
+        if self.module is None:
+            return None
+        storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
+        return BufferSnapshot(self.module.buffers(), storage)
+
     def _check_no_scheduler_on_tuned_lr(self) -> None:
         # torch.optim.lr_scheduler.LRScheduler marks the groups it drives with "initial_lr".
         for g, group in enumerate(self.param_groups):
@@ -442,7 +449,7 @@ class OHO(Optimizer):
         live = [j for j, n in enumerate(norms) if n > 0.0]
 
         rng_before = RNGSnapshot().capture() if live else None
-        buffers_before = BufferSnapshot(self.module.buffers()) if live and self.module is not None else None
+        buffers_before = self._snapshot("before") if live else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -518,7 +525,7 @@ class OHO(Optimizer):
         all_params = [p for group in self.param_groups for p in group["params"]]
         stashed = [p.grad for p in all_params]
         rng_after = RNGSnapshot().capture()
-        buffers_after = BufferSnapshot(self.module.buffers()) if self.module is not None else None
+        buffers_after = self._snapshot("after")
         saved = clone_all(active)
         # A backup of the training gradient only where gradient memory is a view into a larger buffer
         # (DDP's gradient_as_bucket_view, flat-buffer hooks): such memory is rewritten by every backward.
@@ -726,7 +733,7 @@ class OHO(Optimizer):
         kept = [next(copies) if g is not None and g._base is not None else None for g in stashed]
         stashed_ptrs = {g.data_ptr() for g in stashed if g is not None}
         rng = RNGSnapshot().capture()
-        buffers = BufferSnapshot(self.module.buffers()) if self.module is not None else None
+        buffers = self._snapshot("hyper")
         try:
             for p in all_params:
                 p.grad = None
