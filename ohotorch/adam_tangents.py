@@ -221,6 +221,16 @@ def _tangent_update_foreach_(
         torch._foreach_mul_(tangent_w, 1 - lr * weight_decay)
     torch._foreach_addcdiv_(tangent_w, step, denom, [-lr / c for c in bc1])
     del step
+    _foreach_direct_terms_(tangent_w, params, exp_avgs, denom, bc1, lr=lr, weight_decay=weight_decay,
+                           decoupled=decoupled, direct_lr=direct_lr, direct_weight_decay=direct_weight_decay,
+                           lr_derivative=lr_derivative)
+
+
+def _foreach_direct_terms_(
+    tangent_w, params, exp_avgs, denom, bc1, *, lr, weight_decay, decoupled, direct_lr, direct_weight_decay,
+    lr_derivative,
+) -> None:
+    """w' -= [theta = lr] (dlr/dtheta) (u / c1 + AdamW: lambda w) + AdamW: [theta = lambda] lr w."""
     if direct_lr:
         torch._foreach_addcdiv_(tangent_w, exp_avgs, denom, [-lr_derivative / c for c in bc1])  # - u / c1
         if decoupled and weight_decay != 0:
@@ -258,12 +268,9 @@ def _fresh_tangent_update_(
             torch._foreach_addcdiv_(tangent_w, q, denom,
                                     [(lr / c) * (1 - beta2) / s for c, s in zip(bc1, bc2_sqrt)])
             del q
-        if direct_lr:
-            torch._foreach_addcdiv_(tangent_w, exp_avgs, denom, [-lr_derivative / c for c in bc1])  # - u / c1
-            if decoupled and weight_decay != 0:
-                torch._foreach_add_(tangent_w, params, alpha=-weight_decay * lr_derivative)
-        if direct_weight_decay and decoupled:
-            torch._foreach_add_(tangent_w, params, alpha=-lr)
+        _foreach_direct_terms_(tangent_w, params, exp_avgs, denom, bc1, lr=lr, weight_decay=weight_decay,
+                               decoupled=decoupled, direct_lr=direct_lr, direct_weight_decay=direct_weight_decay,
+                               lr_derivative=lr_derivative)
         return
     for i, (tw, w) in enumerate(zip(tangent_w, params)):
         for t in kept:

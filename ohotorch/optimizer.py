@@ -491,7 +491,7 @@ class OHO(Optimizer):
     def _advance_influence(self, closure, keys, norms, weight_norm, live, work, rng_before,
                            buffers_before, fresh) -> None:
         active = [p for w in work if w is not None for p in w["params"]]
-        if fresh:
+        if fresh and len(active) != len(self.state):  # every active param has state: equal counts, same set
             # The fresh update overwrites the tangents of the parameters that step; those of the
             # others (no gradient this step) must read zero too. zero_, not mul_(0): NaN must not survive.
             ids = {id(p) for p in active}
