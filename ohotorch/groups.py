@@ -11,6 +11,7 @@ lr / weight decay / momentum and its own ``tune`` set. The paper's three granula
 """
 from __future__ import annotations
 
+from collections import abc
 from typing import Any, Dict, Iterable, Iterator, List, TypeVar
 
 from torch import nn
@@ -67,8 +68,20 @@ def cycle(loader: Iterable[T]) -> Iterator[T]:
     """Iterate over ``loader`` forever, starting a fresh pass (a fresh shuffle) each time it ends.
 
     Unlike ``itertools.cycle`` it keeps no copy of the batches, so a shuffling DataLoader reshuffles.
-    Raises ValueError if a pass yields nothing.
+    ``loader`` must be re-iterable (a DataLoader, a list): a one-pass iterator such as a generator is
+    refused at once with a TypeError (it would be exhausted after one pass; wrap it in ``list`` or use
+    ``itertools.cycle``, which keeps a copy). Raises ValueError if a pass yields nothing.
     """
+    if isinstance(loader, abc.Iterator):
+        raise TypeError(
+            f"cycle: the loader must be re-iterable (a DataLoader, a list), got a one-pass iterator "
+            f"({type(loader).__name__}) that would be exhausted after one pass; pass the DataLoader itself, "
+            "or list(...) / itertools.cycle(...) to keep a copy of the batches"
+        )
+    return _cycle(loader)
+
+
+def _cycle(loader: Iterable[T]) -> Iterator[T]:
     while True:
         empty = True
         for batch in loader:
