@@ -223,16 +223,16 @@ def test_overhead_precisions_and_compile(tmp_path):
 
     out = tmp_path / "overhead.json"
     # aot_eager: the compile machinery (dynamo, AOT autograd) without inductor's C++ build time.
-    overhead.main(BASE[:4] + ["--models", "mlp", "--variants", "sgd,oho_global,adam,oho_adam_greedy",
+    overhead.main(BASE[:4] + ["--models", "mlp", "--variants", "sgd,oho_global_full,adam,oho_adam_greedy",
                               "--precisions", "fp32,bf16", "--compiled", "false,true", "--compile-backend",
                               "aot_eager", "--batch-size", "8", "--val-batch-size", "8", "--iters", "1",
                               "--warmup", "1", "--out", str(out)])
     payload = _load(out)
     assert payload["environment"]["device"] == "cpu" and payload["config"]["precisions"] == ["fp32", "bf16"]
     rows = payload["results"]["mlp"]["variants"]
-    assert set(rows) == {overhead.row_key(v, p, c) for v in ("sgd", "oho_global", "adam", "oho_adam_greedy")
+    assert set(rows) == {overhead.row_key(v, p, c) for v in ("sgd", "oho_global_full", "adam", "oho_adam_greedy")
                          for p in ("fp32", "bf16") for c in (False, True)}
-    assert "oho_global" in rows and "oho_global@bf16+compiled" in rows  # fp32 eager keeps its old keys
+    assert "oho_global_full" in rows and "oho_global_full@bf16+compiled" in rows  # fp32 eager: plain keys
     for key, row in rows.items():
         setting = "" if "@" not in key else "@" + key.split("@")[1]
         assert row["baseline"] == overhead.baseline_of(row["variant"]) + setting  # same precision, same compile
@@ -241,8 +241,9 @@ def test_overhead_precisions_and_compile(tmp_path):
             assert row["warmup_steps"] == 3 and row["frames_compiled_warmup"] >= 1
             assert row["recompiles_timed"] == 0 and row["ratio_to_eager"] > 0
     assert rows["sgd@bf16"]["ratio_to_baseline"] == pytest.approx(1.0)
-    assert rows["oho_global@bf16"]["tangents"] == 2 and rows["oho_global@bf16"]["tangent_buffers"] == 4
-    assert "peak_x_params" not in rows["oho_global"]  # CUDA only
+    assert rows["oho_global_full@bf16"]["tangents"] == 2 and rows["oho_global_full@bf16"]["tangent_buffers"] == 4
+    assert rows["oho_adam_greedy@bf16"]["tangents"] == 2
+    assert "peak_x_params" not in rows["oho_global_full"]  # CUDA only
     assert overhead.Config().suffix() == ""  # the default run keeps its file name
     assert overhead.Config(precisions=("bf16",), compiled=(True,)).suffix() == "_bf16_compiled"
     with pytest.raises(ValueError, match="precisions"):

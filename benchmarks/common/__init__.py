@@ -14,11 +14,13 @@ public name is re-exported here: ``from common import run_method``.
 Benchmarks sit outside the package and use only ohotorch's public API (``OHO``, ``OHOAdam``,
 ``OHOAdamW``, ``layerwise``, ``grouped``, ``cycle``).
 """
-from .config import TrainConfig, config_help, parse_config, peek_option
+from .config import (ConfigError, TrainConfig, build_parser, config_help, field_help, parse_config,
+                     peek_option)
 from .data import Data, TensorLoader, split_indices, synthetic_images, tensor_data
 from .models import mlp, small_cnn
-from .optimizers import (ALL_METHODS, BASELINES, EXTRA_METHODS, HYPER_NAMES, OHO_METHODS, build_oho,
-                         build_optimizer, group_names, has_buffers, hyperparameters, parse_options)
+from .optimizers import (ALL_METHODS, BASELINES, EXTRA_METHODS, HYPER_NAMES, OHO_METHODS, Method,
+                         OptimizerSettings, build_oho, build_optimizer, group_names, has_buffers, hyperparameters,
+                         is_method, parse_method, parse_options)
 from .results import (SUMMARY_COLUMNS, format_table, geometric_mean, payload_header, results_path, summary_rows,
                       write_results)
 from .runtime import (BENCH_DIR, REPO_ROOT, RESULTS_DIR, environment, import_ohotorch, resolve_device,
@@ -28,7 +30,8 @@ from .training import (Recorder, autocast, evaluate, evaluate_splits, final_figu
                        to_device)
 
 __all__ = [
-    "ALL_METHODS", "BASELINES", "BENCH_DIR", "Data", "EXTRA_METHODS", "HYPER_NAMES", "OHO_METHODS", "REPO_ROOT",
+    "ALL_METHODS", "BASELINES", "BENCH_DIR", "ConfigError", "Data", "EXTRA_METHODS", "HYPER_NAMES", "Method",
+    "OHO_METHODS", "OptimizerSettings", "REPO_ROOT", "build_parser", "field_help", "is_method", "parse_method",
     "RESULTS_DIR", "Recorder", "SUMMARY_COLUMNS", "Session", "TASK_MODULES", "Task", "TensorLoader", "TrainConfig",
     "autocast", "build_oho", "build_optimizer", "compare_main", "config_help", "environment", "evaluate",
     "evaluate_splits", "final_figures", "format_table", "geometric_mean", "group_names", "has_buffers",

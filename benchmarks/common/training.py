@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import Data
-from .optimizers import HYPER_NAMES, build_optimizer, group_names, hyperparameters
+from .optimizers import HYPER_NAMES, build_optimizer, group_names, hyperparameters, parse_method
 from .results import _round
 from .runtime import import_ohotorch, resolve_device, seed_everything
 
@@ -127,8 +127,9 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
     """Train one model with one method and record everything a results file needs.
 
     Every method starts from the same seed, initial weights and batch order. OHO methods take one
-    hyper-step (on the next validation batch) every ``hyper_every`` steps. The split losses are
-    evaluated before training and after every ``eval_every`` epochs; the wall time counts training only.
+    hyper-step (on the next validation batch) every ``hyper_every`` steps (every N for a name
+    ending in ``_h<N>``). The split losses are evaluated before training and after every ``eval_every``
+    epochs; the wall time counts training only.
     A run whose training loss becomes non-finite stops and is marked ``diverged``.
     """
     device = resolve_device(cfg.device)
@@ -136,7 +137,9 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
     data.reseed(cfg.seed)
     model = model_fn().to(device)
     opt, scheduler = build_optimizer(method, model, cfg)
-    is_oho = method.startswith("oho_")
+    spec = parse_method(method)
+    is_oho = spec.oho
+    hyper_every = spec.hyper_every or cfg.hyper_every
     val_batches = import_ohotorch().cycle(data.val) if is_oho else None
 
     steps_per_epoch = min(len(data.train), cfg.steps_per_epoch or len(data.train))
@@ -163,7 +166,7 @@ def run_method(method: str, model_fn: Callable[[], nn.Module], data: Data, cfg: 
                 break
             x, y = to_device(batch, device)
             loss = opt.step(make_closure(model, opt, x, y, device, cfg.bf16))
-            if is_oho and step % cfg.hyper_every == 0:
+            if is_oho and step % hyper_every == 0:
                 xv, yv = to_device(next(val_batches), device)
                 last_hyper = opt.hyper_step(make_closure(model, opt, xv, yv, device, cfg.bf16))
             step += 1
