@@ -7,11 +7,13 @@ weights, only OHO moves its hyperparameters, validation images are never augment
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import ohotorch  # noqa: E402
 import plot  # noqa: E402
 
 pytest.importorskip("sklearn")
@@ -277,3 +280,51 @@ def test_bf16_accuracy_quick(tmp_path):
     # meta_lr=0: a finite-difference step changes tangents, never the weights.
     assert full["trajectory"]["fp32, bf16 step"]["weight_drift"] == 0.0
     assert len(payload["summary"]) == 2 + 2 + 2 + 5 + 2 + 5
+
+
+def test_method_names_mean_one_algorithm_in_every_script():
+    import overhead
+
+    spec = common.parse_method
+    assert spec("oho_global") == dataclasses.replace(spec("oho_greedy"), name="oho_global")
+    assert (spec("oho_layer_blockwise_full").groups, spec("oho_layer_blockwise_full").influence,
+            spec("oho_layer_blockwise_full").discount) == ("layer", "blockwise", 1.0)
+    assert (spec("oho_adamw_discount0.9_h10").inner, spec("oho_adamw_discount0.9_h10").discount,
+            spec("oho_adamw_discount0.9_h10").hyper_every) == ("adamw", 0.9, 10)
+    for bad in ("oho_global_blockwise", "oho_full_greedy", "oho_discount2", "oho_h0", "sgd_full", "oho_layer_x"):
+        assert not common.is_method(bad), bad
+    torch.manual_seed(0)
+    model = common.mlp(8, 8, 3, 2)
+    train_cfg = common.TrainConfig(momentum=0.9)
+    overhead_cfg = overhead.Config()
+    for name, cls, groups, discount, influence in [
+            ("oho_global", ohotorch.OHO, 1, 0.0, "exact"), ("oho_global_full", ohotorch.OHO, 1, 1.0, "exact"),
+            ("oho_layer_blockwise_discount0.5", ohotorch.OHO, 3, 0.5, "blockwise"),
+            ("oho_adam_full", ohotorch.OHOAdam, 1, 1.0, "exact"),
+            ("oho_adamw_greedy", ohotorch.OHOAdamW, 1, 0.0, "exact")]:
+        # the training loop (run_method) and overhead.py build the same algorithm for a name
+        built = common.build_optimizer(name, model, train_cfg)[0], overhead.make_optimizer(name, model, overhead_cfg)
+        for opt in built:
+            assert type(opt) is cls and len(opt.param_groups) == groups, name
+            assert (opt.discount, opt.influence) == (discount, influence), name
+    opt, sched = common.build_optimizer("cosine", model, common.OptimizerSettings(lr=0.5, epochs=4))
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 0.5 and sched.T_max == 4
+    with pytest.raises(ValueError, match="horizon in the method name"):
+        common.build_optimizer("oho_global", model, dataclasses.replace(train_cfg, oho_options=("discount=1.0",)))
+
+
+def test_parser_help_and_bare_arguments():
+    text = common.config_help(common.TrainConfig)
+    assert "--n-groups" in text and "--n_groups" in text and "hyperparameter groups" in text  # comment as help
+    cfg = common.parse_config(["a.json", "--dpi=80", "b.json", "--out_dir", "x"], plot.PlotConfig, positional="inputs")
+    assert (cfg.inputs, cfg.dpi, cfg.out_dir) == (("a.json", "b.json"), 80, "x")
+
+    @dataclasses.dataclass
+    class Flags:
+        quick: bool = False
+        inputs: Tuple[str, ...] = ()
+
+    assert common.parse_config(["--quick", "a.json"], Flags, positional="inputs") == Flags(True, ("a.json",))
+    assert common.parse_config(["--quick", "false", "a.json"], Flags, positional="inputs") == Flags(False, ("a.json",))
+    with pytest.raises(common.ConfigError, match="cannot read"):
+        common.parse_config(["--epochs", "x"], common.TrainConfig)

@@ -31,12 +31,12 @@ from .training import (Recorder, autocast, evaluate, evaluate_splits, final_figu
 
 __all__ = [
     "ALL_METHODS", "BASELINES", "BENCH_DIR", "ConfigError", "Data", "EXTRA_METHODS", "HYPER_NAMES", "Method",
-    "OHO_METHODS", "OptimizerSettings", "REPO_ROOT", "build_parser", "field_help", "is_method", "parse_method",
-    "RESULTS_DIR", "Recorder", "SUMMARY_COLUMNS", "Session", "TASK_MODULES", "Task", "TensorLoader", "TrainConfig",
-    "autocast", "build_oho", "build_optimizer", "compare_main", "config_help", "environment", "evaluate",
-    "evaluate_splits", "final_figures", "format_table", "geometric_mean", "group_names", "has_buffers",
-    "hyperparameters", "import_ohotorch", "load_task", "resolve_device", "make_closure", "mlp", "open_session", "parse_config",
-    "parse_options", "payload_header", "peek_option", "results_path", "run_method", "seed_everything",
-    "setup_runtime", "small_cnn", "split_indices", "summary_rows", "synthetic_images", "tensor_data", "to_device",
-    "write_results",
+    "OHO_METHODS", "OptimizerSettings", "REPO_ROOT", "RESULTS_DIR", "Recorder", "SUMMARY_COLUMNS", "Session",
+    "TASK_MODULES", "Task", "TensorLoader", "TrainConfig", "autocast", "build_oho", "build_optimizer",
+    "build_parser", "compare_main", "config_help", "environment", "evaluate", "evaluate_splits", "field_help",
+    "final_figures", "format_table", "geometric_mean", "group_names", "has_buffers", "hyperparameters",
+    "import_ohotorch", "is_method", "load_task", "make_closure", "mlp", "open_session", "parse_config",
+    "parse_method", "parse_options", "payload_header", "peek_option", "resolve_device", "results_path",
+    "run_method", "seed_everything", "setup_runtime", "small_cnn", "split_indices", "summary_rows",
+    "synthetic_images", "tensor_data", "to_device", "write_results",
 ]
