@@ -33,6 +33,7 @@ from torch import nn
 from .results import _round
 from .runtime import import_ohotorch
 
+# The paper's comparison: its five baselines, then OHO (the comparisons' default methods); further names.
 BASELINES: Tuple[str, ...] = ("sgd", "adam", "step", "exp", "cosine")
 OHO_METHODS: Tuple[str, ...] = ("oho_global", "oho_layer_blockwise", "oho_layer_exact")
 EXTRA_METHODS: Tuple[str, ...] = ("oho_grouped_blockwise", "oho_grouped_exact")
@@ -224,6 +225,3 @@ def hyperparameters(opt: torch.optim.Optimizer) -> Dict[str, List[float]]:
         if all(name in g for g in opt.param_groups):
             values[name] = [_round(float(g[name])) for g in opt.param_groups]
     return values
-
-
-# ---------------------------------------------------------------------------------------------------
