@@ -69,7 +69,6 @@ from torch import nn
 import common
 from overhead import build
 
-ohotorch = common.import_ohotorch()
 
 TUNE = ("lr", "weight_decay")  # in OHO's canonical order: tangent j belongs to TUNE[j]
 HORIZONS = {"greedy": 0.0, "full": 1.0}
@@ -165,9 +164,13 @@ def closure(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
 
 
 def make_oho(model: nn.Module, setting: Setting, discount: float, cfg: Config) -> torch.optim.Optimizer:
-    return ohotorch.OHO(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                        tune=TUNE, meta_lr=0.0, discount=discount, hvp=cfg.hvp, module=model,
-                        compute_dtype=setting.compute_dtype, fd_rel=setting.fd_rel)
+    """Global OHO with the hyperparameters frozen (meta_lr 0), through the benchmarks' one factory."""
+    method = {0.0: "oho_global_greedy", 1.0: "oho_global_full"}.get(discount, f"oho_global_discount{discount}")
+    settings = common.OptimizerSettings(
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tune=TUNE, meta_lr=0.0, hvp=cfg.hvp,
+        compute_dtype=setting.compute_dtype,
+        oho_options=() if setting.fd_rel is None else (f"fd_rel={setting.fd_rel!r}",))
+    return common.build_optimizer(method, model, settings)[0]
 
 
 def clone(model: nn.Module, opt_state: Dict[str, Any], setting: Setting, discount: float,

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 import common
 
-ohotorch = common.import_ohotorch()
 
 
 @dataclass
@@ -49,9 +48,9 @@ def _digits():
 def _hypergradients(influence: str, cfg: Config, steps: int) -> torch.Tensor:
     torch.manual_seed(cfg.seed)
     model = common.mlp(64, 128, 4, 10).double()
-    opt = ohotorch.OHO(ohotorch.layerwise(model), lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, influence=influence, hvp="central", meta_lr=0.0,
-                       discount=1.0)
+    settings = common.OptimizerSettings(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, hvp="central",
+                                        meta_lr=0.0)  # hyperparameters frozen: only the hypergradients matter
+    opt, _ = common.build_optimizer(f"oho_layer_{influence}_full", model, settings)
     xt, yt, xv, yv = _digits()
     g = torch.Generator().manual_seed(cfg.seed + 1)
 

@@ -22,16 +22,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import common
 
-# name -> OHO keyword arguments (Python literals, as digits.py's --oho-options takes them)
-CANDIDATES: Dict[str, Tuple[str, ...]] = {
-    "full_b999": ("discount=1.0", "meta_betas=(0.9,0.999)"),
-    "full_b99": ("discount=1.0", "meta_betas=(0.9,0.99)"),
-    "discount0.99_b99": ("discount=0.99", "meta_betas=(0.9,0.99)"),
-    "discount0.9_b99": ("discount=0.9", "meta_betas=(0.9,0.99)"),
-    "greedy_b999": ("discount=0.0", "meta_betas=(0.9,0.999)"),
-    "greedy": ("discount=0.0", "meta_betas=(0.9,0.99)"),
-    "greedy_metalr0.05": ("discount=0.0", "meta_betas=(0.9,0.99)", "meta_lr=0.05"),
-    "greedy_metalr0.01": ("discount=0.0", "meta_betas=(0.9,0.99)", "meta_lr=0.01"),
+# name -> the method (its name sets the horizon, see common.optimizers) and further OHO keyword arguments
+# (Python literals, as digits.py's --oho-options takes them)
+CANDIDATES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "full_b999": ("oho_global_full", ("meta_betas=(0.9,0.999)",)),
+    "full_b99": ("oho_global_full", ("meta_betas=(0.9,0.99)",)),
+    "discount0.99_b99": ("oho_global_discount0.99", ("meta_betas=(0.9,0.99)",)),
+    "discount0.9_b99": ("oho_global_discount0.9", ("meta_betas=(0.9,0.99)",)),
+    "greedy_b999": ("oho_global_greedy", ("meta_betas=(0.9,0.999)",)),
+    "greedy": ("oho_global_greedy", ("meta_betas=(0.9,0.99)",)),
+    "greedy_metalr0.05": ("oho_global_greedy", ("meta_betas=(0.9,0.99)", "meta_lr=0.05")),
+    "greedy_metalr0.01": ("oho_global_greedy", ("meta_betas=(0.9,0.99)", "meta_lr=0.01")),
 }
 
 
@@ -112,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         device = common.setup_runtime(base)
         data = task.load_data(base, device)
         for lr in cfg.lrs:
-            settings = [("frozen", "sgd", ())] + [(c, "oho_global", CANDIDATES[c]) for c in cfg.candidates]
+            settings = [("frozen", "sgd", ())] + [(c, *CANDIDATES[c]) for c in cfg.candidates]
             for name, method, options in settings:
                 meta_lr = [float(o.split("=")[1]) for o in options if o.startswith("meta_lr=")]
                 rest = tuple(o for o in options if not o.startswith("meta_lr="))
@@ -120,7 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                               meta_lr=meta_lr[0] if meta_lr else None)
                 result = common.run_method(method, task.model_fn(run_cfg, data), data, run_cfg)
                 final = result["final"]
-                runs.append({"model": model_name, "lr0": lr, "candidate": name, "options": list(options),
+                runs.append({"model": model_name, "lr0": lr, "candidate": name, "method": method,
+                             "options": list(options),
                              "test_loss": final.get("test_loss"), "test_acc": final.get("test_acc"),
                              "val_loss": final.get("val_loss"), "final_lr": _first(final.get("lr")),
                              "final_weight_decay": _first(final.get("weight_decay")), "diverged": final["diverged"],

@@ -3,12 +3,18 @@
 For each model (an MLP on MNIST-shaped input, torchvision's ResNet18 on CIFAR-shaped input) it times:
 
 * ``sgd``: forward, backward, torch.optim.SGD.step (the baseline of the SGD-family variants);
-* ``oho_greedy``: OHO with its default greedy horizon (no HVP), ``hyper_step`` every step;
-* ``oho_global``: OHO, one hyper group, full horizon (exact RTRL), ``hyper_step`` every step;
-* ``oho_global_h10``: the same with ``hyper_step`` every 10 steps;
-* ``oho_layer_blockwise`` / ``oho_layer_exact``: one hyper group per layer;
-* ``adam``: torch.optim.Adam, the baseline of ``oho_adam_greedy`` / ``oho_adam_global`` (OHOAdam with the
-  default greedy horizon, and with the full horizon); ``adamw`` likewise for ``oho_adamw_global``.
+* ``oho_greedy``: OHO, one hyper group, the default greedy horizon (no HVP), ``hyper_step`` every step;
+* ``oho_global_full``: OHO, one hyper group, full horizon (exact RTRL), ``hyper_step`` every step;
+* ``oho_global_full_h10``: the same with ``hyper_step`` every 10 steps;
+* ``oho_layer_blockwise_full`` / ``oho_layer_exact_full``: one hyper group per layer, full horizon;
+* ``adam``: torch.optim.Adam, the baseline of ``oho_adam_greedy`` / ``oho_adam_full`` (OHOAdam with the
+  default greedy horizon, and with the full horizon); ``adamw`` likewise for ``oho_adamw_full``.
+
+The names are the benchmarks' method names (``common.optimizers``: the same name builds the same
+optimizer in every script); any other name of that grammar may be given to ``--variants``. Results
+files written before the names were unified used ``oho_global``, ``oho_global_h10``,
+``oho_layer_blockwise``, ``oho_layer_exact``, ``oho_adam_global`` and ``oho_adamw_global`` for the full
+horizon rows that are now ``*_full``.
 
 and reports median milliseconds per step, the ratio to the matching plain step, and memory. Every
 variant sees the same batches, is warmed up, and is timed over ``iters`` steps with device
@@ -30,7 +36,7 @@ the plain step of its own setting:
   its finite-difference perturbations into the parameters in place, which must cause none.
 
 Rows are keyed by variant for fp32 eager (the default run, as before) and ``variant@setting``
-otherwise (``oho_global@bf16``, ``sgd@fp32+compiled``).
+otherwise (``oho_global_full@bf16``, ``sgd@fp32+compiled``).
 
 **Memory.** ``state_x_params``: the optimizer state in units of the parameters' size (exact, any
 device). On CUDA, with the cache emptied and the peak statistics reset before each variant builds its
@@ -68,8 +74,8 @@ import common
 
 ohotorch = common.import_ohotorch()
 
-VARIANTS = ("sgd", "oho_greedy", "oho_global", "oho_global_h10", "oho_layer_blockwise", "oho_layer_exact",
-            "adam", "oho_adam_greedy", "oho_adam_global", "adamw", "oho_adamw_global")
+VARIANTS = ("sgd", "oho_greedy", "oho_global_full", "oho_global_full_h10", "oho_layer_blockwise_full",
+            "oho_layer_exact_full", "adam", "oho_adam_greedy", "oho_adam_full", "adamw", "oho_adamw_full")
 PLAIN = ("sgd", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16")
 COMPILE_WARMUP = 3  # compile, then the first step with an HVP, then one more
@@ -108,16 +114,18 @@ class Config:
     warmup: int = 3  # at least 3 when compiled
     momentum: float = 0.9
     hvp: str = "forward"
-    exact_layer_max_tangents: int = 64  # skip oho_layer_exact when it would carry more tangents
+    exact_layer_max_tangents: int = 64  # skip oho_layer_exact* when it would carry more tangents
     device: str = "auto"
     threads: int = 0
     seed: int = 0
     out: str = ""  # default: benchmarks/results/overhead/overhead_<device>[_<precisions>][_compiled].json
 
     def __post_init__(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants
+                   if v not in PLAIN and not (v.startswith("oho") and common.is_method(v))]
         if unknown:
-            raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS}")
+            raise ValueError(f"Unknown variant(s) {unknown}; choose from {VARIANTS} or another OHO method name "
+                             "(common.optimizers)")
         bad = [p for p in self.precisions if p not in PRECISIONS]
         if bad or not self.precisions:
             raise ValueError(f"Invalid precisions {self.precisions}; choose from {PRECISIONS}")
@@ -154,21 +162,12 @@ def build(name: str) -> Tuple[nn.Module, Tuple[int, ...]]:
 
 def make_optimizer(variant: str, model: nn.Module, cfg: Config,
                    compute_dtype: Optional[torch.dtype] = None) -> torch.optim.Optimizer:
-    if variant == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=cfg.momentum)
-    if variant in ("adam", "adamw"):
-        return (torch.optim.Adam if variant == "adam" else torch.optim.AdamW)(model.parameters(), lr=1e-3)
-    if variant.startswith(("oho_adam_", "oho_adamw_")):
-        cls = ohotorch.OHOAdamW if variant.startswith("oho_adamw_") else ohotorch.OHOAdam
-        return cls(model.parameters(), lr=1e-3, module=model, hvp=cfg.hvp, compute_dtype=compute_dtype,
-                   discount=0.0 if variant.endswith("_greedy") else 1.0)
-    if variant == "oho_greedy":  # the defaults
-        return ohotorch.OHO(model.parameters(), lr=0.01, momentum=cfg.momentum, module=model,
-                            compute_dtype=compute_dtype)
-    params = model.parameters() if variant.startswith("oho_global") else ohotorch.layerwise(model)
-    influence = "exact" if variant in ("oho_global", "oho_global_h10", "oho_layer_exact") else "blockwise"
-    return ohotorch.OHO(params, lr=0.01, momentum=cfg.momentum, module=model, influence=influence, hvp=cfg.hvp,
-                        discount=1.0, compute_dtype=compute_dtype)
+    """The benchmarks' optimizer of ``variant`` (the one factory, ``common.build_optimizer``) from lr 0.01
+    (SGD family, ``cfg.momentum``) or 1e-3 (Adam family), the classes' default weight decay."""
+    settings = common.OptimizerSettings(lr=0.01, adam_lr=1e-3, momentum=None if baseline_of(variant) != "sgd"
+                                        else cfg.momentum, hvp=cfg.hvp, compute_dtype=compute_dtype)
+    opt, _ = common.build_optimizer(variant, model, settings)
+    return opt
 
 
 def param_bytes(model: nn.Module) -> int:
@@ -232,7 +231,7 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
     net = torch.compile(model, mode=cfg.compile_mode, backend=cfg.compile_backend) if compiled else model
     bf16 = precision == "bf16"
     opt = make_optimizer(variant, model, cfg, compute_dtype=torch.bfloat16 if bf16 else None)
-    every = 10 if variant.endswith("_h10") else 1
+    every = common.parse_method(variant).hyper_every or 1
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def one_step(i: int) -> None:
@@ -372,7 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for precision, compiled in settings:
             for variant in cfg.variants:
                 key = row_key(variant, precision, compiled)
-                if variant == "oho_layer_exact" and 2 * n_layers > cfg.exact_layer_max_tangents:
+                spec = common.parse_method(variant)
+                layer_exact = spec.oho and spec.groups == "layer" and spec.influence == "exact"
+                if layer_exact and 2 * n_layers > cfg.exact_layer_max_tangents:
                     rows[key] = {"variant": variant, "precision": precision, "compiled": compiled,
                                  "skipped": f"{2 * n_layers} tangents > exact_layer_max_tangents"}
                     continue

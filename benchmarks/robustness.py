@@ -44,8 +44,7 @@ class RobustnessConfig:
             if part not in ("grid", "reset"):
                 raise ValueError(f"Unknown part {part!r} (grid or reset)")
         for method in self.grid_methods + self.reset_methods:
-            if method not in common.ALL_METHODS:
-                raise ValueError(f"Unknown method {method!r}")
+            common.parse_method(method)  # ValueError for an unknown name
         if not 0.0 < self.reset_at < 1.0:
             raise ValueError(f"Invalid reset_at: {self.reset_at} (a fraction in (0, 1))")
         self.reset_pairs()  # validates the resets

@@ -54,6 +54,9 @@ class SearchConfig:
         for method in self.search_methods:
             if method not in common.BASELINES:
                 raise ValueError(f"search_methods are baselines {common.BASELINES}, got {method!r}")
+        for method in self.oho_methods:
+            if not common.parse_method(method).oho:  # ValueError for an unknown name
+                raise ValueError(f"oho_methods are OHO methods, got {method!r}")
         if self.objective not in ("val_loss", "test_loss"):
             raise ValueError(f"Unknown objective {self.objective!r}")
         for name in ("lr_range", "adam_lr_range", "wd_range"):

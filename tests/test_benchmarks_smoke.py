@@ -7,11 +7,13 @@ weights, only OHO moves its hyperparameters, validation images are never augment
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import ohotorch  # noqa: E402
 import plot  # noqa: E402
 
 pytest.importorskip("sklearn")
@@ -223,16 +226,16 @@ def test_overhead_precisions_and_compile(tmp_path):
 
     out = tmp_path / "overhead.json"
     # aot_eager: the compile machinery (dynamo, AOT autograd) without inductor's C++ build time.
-    overhead.main(BASE[:4] + ["--models", "mlp", "--variants", "sgd,oho_global,adam,oho_adam_greedy",
+    overhead.main(BASE[:4] + ["--models", "mlp", "--variants", "sgd,oho_global_full,adam,oho_adam_greedy",
                               "--precisions", "fp32,bf16", "--compiled", "false,true", "--compile-backend",
                               "aot_eager", "--batch-size", "8", "--val-batch-size", "8", "--iters", "1",
                               "--warmup", "1", "--out", str(out)])
     payload = _load(out)
     assert payload["environment"]["device"] == "cpu" and payload["config"]["precisions"] == ["fp32", "bf16"]
     rows = payload["results"]["mlp"]["variants"]
-    assert set(rows) == {overhead.row_key(v, p, c) for v in ("sgd", "oho_global", "adam", "oho_adam_greedy")
+    assert set(rows) == {overhead.row_key(v, p, c) for v in ("sgd", "oho_global_full", "adam", "oho_adam_greedy")
                          for p in ("fp32", "bf16") for c in (False, True)}
-    assert "oho_global" in rows and "oho_global@bf16+compiled" in rows  # fp32 eager keeps its old keys
+    assert "oho_global_full" in rows and "oho_global_full@bf16+compiled" in rows  # fp32 eager: plain keys
     for key, row in rows.items():
         setting = "" if "@" not in key else "@" + key.split("@")[1]
         assert row["baseline"] == overhead.baseline_of(row["variant"]) + setting  # same precision, same compile
@@ -241,8 +244,9 @@ def test_overhead_precisions_and_compile(tmp_path):
             assert row["warmup_steps"] == 3 and row["frames_compiled_warmup"] >= 1
             assert row["recompiles_timed"] == 0 and row["ratio_to_eager"] > 0
     assert rows["sgd@bf16"]["ratio_to_baseline"] == pytest.approx(1.0)
-    assert rows["oho_global@bf16"]["tangents"] == 2 and rows["oho_global@bf16"]["tangent_buffers"] == 4
-    assert "peak_x_params" not in rows["oho_global"]  # CUDA only
+    assert rows["oho_global_full@bf16"]["tangents"] == 2 and rows["oho_global_full@bf16"]["tangent_buffers"] == 4
+    assert rows["oho_adam_greedy@bf16"]["tangents"] == 2
+    assert "peak_x_params" not in rows["oho_global_full"]  # CUDA only
     assert overhead.Config().suffix() == ""  # the default run keeps its file name
     assert overhead.Config(precisions=("bf16",), compiled=(True,)).suffix() == "_bf16_compiled"
     with pytest.raises(ValueError, match="precisions"):
@@ -276,3 +280,51 @@ def test_bf16_accuracy_quick(tmp_path):
     # meta_lr=0: a finite-difference step changes tangents, never the weights.
     assert full["trajectory"]["fp32, bf16 step"]["weight_drift"] == 0.0
     assert len(payload["summary"]) == 2 + 2 + 2 + 5 + 2 + 5
+
+
+def test_method_names_mean_one_algorithm_in_every_script():
+    import overhead
+
+    spec = common.parse_method
+    assert spec("oho_global") == dataclasses.replace(spec("oho_greedy"), name="oho_global")
+    assert (spec("oho_layer_blockwise_full").groups, spec("oho_layer_blockwise_full").influence,
+            spec("oho_layer_blockwise_full").discount) == ("layer", "blockwise", 1.0)
+    assert (spec("oho_adamw_discount0.9_h10").inner, spec("oho_adamw_discount0.9_h10").discount,
+            spec("oho_adamw_discount0.9_h10").hyper_every) == ("adamw", 0.9, 10)
+    for bad in ("oho_global_blockwise", "oho_full_greedy", "oho_discount2", "oho_h0", "sgd_full", "oho_layer_x"):
+        assert not common.is_method(bad), bad
+    torch.manual_seed(0)
+    model = common.mlp(8, 8, 3, 2)
+    train_cfg = common.TrainConfig(momentum=0.9)
+    overhead_cfg = overhead.Config()
+    for name, cls, groups, discount, influence in [
+            ("oho_global", ohotorch.OHO, 1, 0.0, "exact"), ("oho_global_full", ohotorch.OHO, 1, 1.0, "exact"),
+            ("oho_layer_blockwise_discount0.5", ohotorch.OHO, 3, 0.5, "blockwise"),
+            ("oho_adam_full", ohotorch.OHOAdam, 1, 1.0, "exact"),
+            ("oho_adamw_greedy", ohotorch.OHOAdamW, 1, 0.0, "exact")]:
+        # the training loop (run_method) and overhead.py build the same algorithm for a name
+        built = common.build_optimizer(name, model, train_cfg)[0], overhead.make_optimizer(name, model, overhead_cfg)
+        for opt in built:
+            assert type(opt) is cls and len(opt.param_groups) == groups, name
+            assert (opt.discount, opt.influence) == (discount, influence), name
+    opt, sched = common.build_optimizer("cosine", model, common.OptimizerSettings(lr=0.5, epochs=4))
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 0.5 and sched.T_max == 4
+    with pytest.raises(ValueError, match="horizon in the method name"):
+        common.build_optimizer("oho_global", model, dataclasses.replace(train_cfg, oho_options=("discount=1.0",)))
+
+
+def test_parser_help_and_bare_arguments():
+    text = common.config_help(common.TrainConfig)
+    assert "--n-groups" in text and "--n_groups" in text and "hyperparameter groups" in text  # comment as help
+    cfg = common.parse_config(["a.json", "--dpi=80", "b.json", "--out_dir", "x"], plot.PlotConfig, positional="inputs")
+    assert (cfg.inputs, cfg.dpi, cfg.out_dir) == (("a.json", "b.json"), 80, "x")
+
+    @dataclasses.dataclass
+    class Flags:
+        quick: bool = False
+        inputs: Tuple[str, ...] = ()
+
+    assert common.parse_config(["--quick", "a.json"], Flags, positional="inputs") == Flags(True, ("a.json",))
+    assert common.parse_config(["--quick", "false", "a.json"], Flags, positional="inputs") == Flags(False, ("a.json",))
+    with pytest.raises(common.ConfigError, match="cannot read"):
+        common.parse_config(["--epochs", "x"], common.TrainConfig)

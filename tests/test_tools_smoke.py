@@ -18,8 +18,8 @@ def test_overhead_smoke(tmp_path):
                    "--warmup", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["results"]["mlp"]["variants"]
     assert rows["sgd"]["ratio_to_baseline"] == pytest.approx(1.0)
-    assert rows["oho_adamw_global"]["baseline"] == "adamw" and rows["oho_adam_greedy"]["baseline"] == "adam"
-    assert rows["oho_global"]["tangents"] == 2 and rows["oho_layer_exact"]["tangents"] == 6
+    assert rows["oho_adamw_full"]["baseline"] == "adamw" and rows["oho_adam_greedy"]["baseline"] == "adam"
+    assert rows["oho_global_full"]["tangents"] == 2 and rows["oho_layer_exact_full"]["tangents"] == 6
     assert all(r["ms"] > 0 for r in rows.values())
 
 
