@@ -136,7 +136,7 @@ def _adam_tangent_case(dtype, rule, seed=0):
         work = adam_direction_(params, grads, m, v, steps, eps=1e-8, foreach=False, **hyper)
     tangents = [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(4)]
     tangents[2][1][:3] = 0.0  # v' = 0 where v = 0 (d = 0 there at every step)
-    return dict(params=params, exp_avgs=m, exp_avg_sqs=v, **work), tangents, hyper
+    return dict(params=params, exp_avgs=m, exp_avg_sqs=v, **work._asdict()), tangents, hyper
 
 
 def _run_tangent(case, tangents, hyper, key, *, foreach, fresh=False, companions=True):
@@ -215,7 +215,7 @@ def test_fresh_tangent_update_needs_no_companions_only_when_fresh():
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_tangent_update_takes_the_groups_foreach_path(foreach, monkeypatch):
-    import ohotorch.adam as adam_module
+    import ohotorch.rules as adam_module
 
     seen = []
     real = adam_module.adam_tangent_update_
