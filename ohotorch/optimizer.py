@@ -58,8 +58,8 @@ class Bookkeeping:
     def to_state(self) -> Dict[str, Any]:
         return {
             "steps": self.steps, "hyper_steps": self.hyper_steps,
-            "keys": None if self.keys is None else [list(k) for k in self.keys],
-            "meta_state": {k: dict(v) for k, v in self.meta_state.items()},
+            "keys": None if self.keys is None else [list(key) for key in self.keys],
+            "meta_state": {slot: dict(values) for slot, values in self.meta_state.items()},
             "nonfinite_hypergradients": self.nonfinite_hypergradients,
             "nonfinite_influence": self.nonfinite_influence,
         }
@@ -69,8 +69,8 @@ class Bookkeeping:
         keys = saved.get("keys")
         return cls(
             steps=saved.get("steps", 0), hyper_steps=saved.get("hyper_steps", 0),
-            keys=None if keys is None else [(k[0], k[1]) for k in keys],
-            meta_state={k: dict(v) for k, v in saved.get("meta_state", {}).items()},
+            keys=None if keys is None else [(key[0], key[1]) for key in keys],
+            meta_state={slot: dict(values) for slot, values in saved.get("meta_state", {}).items()},
             nonfinite_hypergradients=saved.get("nonfinite_hypergradients", 0),
             nonfinite_influence=saved.get("nonfinite_influence", 0),
         )
@@ -335,7 +335,7 @@ class OHO(Optimizer):
                 if self.discount < 1.0:
                     influence.scale_tangents_(list(self.state.values()), self.discount)
                 norms, weight_norm = self._tangent_norms(keys)
-        nonzero = [k for k, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
+        nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
 
         # (2) The training evaluation, whose RNG and buffers every HVP evaluation replays.
         replay = (RNGSnapshot().capture(), self._snapshot("before")) if nonzero else None
@@ -385,12 +385,12 @@ class OHO(Optimizer):
         if not keys or not pairs:
             return [0.0] * len(keys), 0.0
         norms, weight_norm = influence.tangent_norms(pairs, len(keys))
-        for k, norm in enumerate(norms):
+        for tangent_index, norm in enumerate(norms):
             if not math.isfinite(norm):
                 self._bookkeeping.nonfinite_influence += 1
-                warnings.warn(f"OHO: the influence for {keys[k]} became non-finite and was reset to zero")
-                influence.zero_tangent_(list(self.state.values()), k)
-                norms[k] = 0.0
+                warnings.warn(f"OHO: the influence for {keys[tangent_index]} became non-finite and was reset to zero")
+                influence.zero_tangent_(list(self.state.values()), tangent_index)
+                norms[tangent_index] = 0.0
         self.diagnostics["influence_norm"] = {influence.key_name(self.param_groups, key): norm
                                               for key, norm in zip(keys, norms)}
         return norms, weight_norm
@@ -400,7 +400,8 @@ class OHO(Optimizer):
                            replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]], from_zero: bool,
                            foreach: bool) -> None:
         """Advance every tangent by one step of the rule; an HVP for each tangent in ``nonzero``."""
-        stepping_groups = [(index, group, work) for index, (group, work) in enumerate(zip(self.param_groups, works))
+        stepping_groups = [(group_index, group, work)
+                           for group_index, (group, work) in enumerate(zip(self.param_groups, works))
                            if work is not None]
         active = [p for _, _, work in stepping_groups for p in work.params]
         if from_zero and len(active) != len(self.state):  # every active param has state: equal counts, same set
@@ -410,42 +411,43 @@ class OHO(Optimizer):
             influence.zero_tangents_([s for p, s in self.state.items() if id(p) not in ids])
         train_grads = [p.grad for p in active]
 
-        def update(k: int, hvp: Optional[List[Tensor]]) -> None:
-            """Advance tangent k in every group; ``hvp`` spans all active params (None: from zero)."""
+        def update(tangent_index: int, hvp: Optional[List[Tensor]]) -> None:
+            """Advance one tangent in every group; ``hvp`` spans all active params (None: from zero)."""
             offset = 0
-            for index, group, work in stepping_groups:
+            for group_index, group, work in stepping_groups:
                 n = len(work.params)
                 if hvp is not None:
                     part: Optional[List[Tensor]] = hvp[offset:offset + n]
                 elif from_zero:
                     part = None  # zero tangents: the update from zero overwrites them, no HVP needed
                 else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
-                    part = [torch.zeros_like(s["tangent_w"][k]) for s in work.states]
-                self._rule.update_tangent(group, work, k, keys[k],
-                                          influence.is_direct(self.param_groups, keys[k], index), part)
+                    part = [torch.zeros_like(s["tangent_w"][tangent_index]) for s in work.states]
+                self._rule.update_tangent(group, work, tangent_index, keys[tangent_index],
+                                          influence.is_direct(self.param_groups, keys[tangent_index], group_index),
+                                          part)
                 offset += n
 
-        for k in range(len(keys)):
-            if k not in nonzero:
-                update(k, None)
+        for tangent_index in range(len(keys)):
+            if tangent_index not in nonzero:
+                update(tangent_index, None)
         if not nonzero:
             return
         rel = self.fd_rel if self.fd_rel is not None else relative_step(
             self.compute_dtype or active[0].dtype, self.hvp)
         with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
                               replay=replay, foreach=foreach) as isolation:
-            for k in nonzero:
-                eps = perturbation_scale(weight_norm, norms[k], rel)
-                tangent = [self.state[p]["tangent_w"][k].to(p.dtype) for p in active]
+            for tangent_index in nonzero:
+                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
+                tangent = [self.state[p]["tangent_w"][tangent_index].to(p.dtype) for p in active]
                 hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp)
                 del tangent
                 if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum())):  # one sync
                     self._bookkeeping.nonfinite_influence += 1
-                    warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[k]}; that tangent was "
-                                  "left unchanged this step")
+                    warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[tangent_index]}; that "
+                                  "tangent was left unchanged this step")
                     continue
-                # Tangent k is updated at once (no other HVP reads it): one HVP alive at a time.
-                update(k, hvp)
+                # The tangent is updated at once (no other HVP reads it): one HVP alive at a time.
+                update(tangent_index, hvp)
                 del hvp
 
     # ------------------------------------------------------------------ hypergradients
@@ -550,20 +552,20 @@ class OHO(Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        saved = state_dict.pop("oho", None)
+        saved_bookkeeping = state_dict.pop("oho", None)
         # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
-        tangent_dtypes = {idx: {k: v.dtype for k, v in s.items() if k.startswith("tangent_")}
+        tangent_dtypes = {idx: {key: t.dtype for key, t in s.items() if key.startswith("tangent_")}
                           for idx, s in state_dict.get("state", {}).items()}
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
         for idx, p in zip(saved_ids, self._all_params()):
-            for k, dtype in tangent_dtypes.get(idx, {}).items():
-                if p in self.state and k in self.state[p]:
-                    self.state[p][k] = self.state[p][k].to(dtype)
+            for state_key, dtype in tangent_dtypes.get(idx, {}).items():
+                if p in self.state and state_key in self.state[p]:
+                    self.state[p][state_key] = self.state[p][state_key].to(dtype)
         for group in self.param_groups:
             group["tune"] = self._canonical_tune(group.get("tune", ()))
-        if saved is not None:
-            self._bookkeeping = Bookkeeping.from_state(saved)
+        if saved_bookkeeping is not None:
+            self._bookkeeping = Bookkeeping.from_state(saved_bookkeeping)
 
 
 def _option_property(name: str) -> property:
