@@ -15,6 +15,13 @@ Every change to the user's tensors happens in (3)-(5), after the last place a cl
 the HVPs of (4): the isolation puts weights, grads, RNG and buffers back on any exception; rule state
 and tangents written before a failing HVP are the remaining gap of the strong exception guarantee
 (computing all HVPs before (3) would close it at the cost of K HVPs alive at once).
+
+**Host syncs**, the places a sync-free GPU path would replace by on-device ``torch.where``: the tangent
+norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiteness), the finiteness of
+the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._advance_influence`), and
+the hypergradients with the validation loss (one ``.tolist()`` in :meth:`OHO.hyper_step`, then scalar
+work in :func:`ohotorch.meta.meta_update_`). With the greedy default (no HVP) a step has one sync, the
+training loss's finiteness.
 """
 from __future__ import annotations
 
@@ -100,7 +107,8 @@ class OHO(Optimizer):
     (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
     zero, so none at all with the default greedy horizon ``discount=0``), plus one validation gradient
     per ``hyper_step``. Memory: K tangents (2K with momentum) of the parameters' size, plus, while HVPs
-    run, a copy of the weights, a backup of the training gradient and one gradient.
+    run, a copy of the weights, one gradient, and a backup of the training gradient where it is a view
+    into a larger buffer (DDP's ``gradient_as_bucket_view``).
 
     **Drop-in change** to an SGD loop::
 
@@ -129,7 +137,8 @@ class OHO(Optimizer):
         meta_lr: meta learning rate, a float or ``{name: float}``. ``None`` takes the scale-free
             default of ``meta_optimizer="adam", space="log"`` (0.02: each hyper-step moves a
             hyperparameter by at most about 2% of its value); ``0`` computes hypergradients but never
-            changes a hyperparameter.
+            changes a hyperparameter. A mapping's missing names take that default; where there is
+            none (``meta_optimizer="sgd"`` or ``space="raw"``) it must name every tuned hyperparameter.
         meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper's; needs an explicit meta_lr).
         meta_betas, meta_eps: Adam's constants for the meta-update.
         space: ``"log"`` (relative steps, default) or ``"raw"`` (the paper's absolute steps).

@@ -196,3 +196,46 @@ def test_group_checks(rule_name):
     group = _group(rule_name, ("lr", "lr_scale"))
     with pytest.raises(ValueError, match="not both"):
         rule.check_group(group)
+
+
+@pytest.mark.parametrize("cls_name", ["OHO", "OHOAdam"])
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_the_shell_decides_foreach_once_for_every_call(cls_name, foreach, monkeypatch):
+    """One foreach decision per step reaches the direction, the tangent updates, the HVP isolation and the
+    weight update alike."""
+    import ohotorch
+    import ohotorch.optimizer as optimizer_module
+    import ohotorch.rules as rules_module
+    from helpers import batches, digits, mlp, run_oho
+
+    seen = []
+    for module, name in [(rules_module, "sgd_direction_"), (rules_module, "sgd_tangent_update_"),
+                         (rules_module, "sgd_apply_"), (rules_module, "adam_direction_"),
+                         (rules_module, "adam_tangent_update_"), (rules_module, "adam_apply_")]:
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs["foreach"]))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    real_isolation = optimizer_module.ClosureIsolation
+
+    def isolation_spy(*args, **kwargs):
+        if "weights" in kwargs:
+            seen.append(("ClosureIsolation", kwargs["foreach"]))
+        return real_isolation(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "ClosureIsolation", isolation_spy)
+    xt, yt, _, _ = digits()
+    model = mlp()
+    if cls_name == "OHO":
+        opt = ohotorch.OHO(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-2, foreach=foreach,
+                           discount=1.0)
+    else:
+        opt = ohotorch.OHOAdam(model.parameters(), lr=1e-3, weight_decay=1e-2, foreach=foreach, discount=1.0)
+    run_oho(model, opt, batches(xt, yt, 32, 3))
+    names = {name for name, _ in seen}
+    prefix = "sgd" if cls_name == "OHO" else "adam"
+    assert {f"{prefix}_direction_", f"{prefix}_tangent_update_", f"{prefix}_apply_", "ClosureIsolation"} <= names
+    assert {value for _, value in seen} == {foreach}
