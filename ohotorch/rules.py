@@ -101,7 +101,12 @@ class Rule(Protocol):
 
     def update_tangent(self, group: Group, work: Any, index: int, key: TangentKey, direct: bool,
                        hvp: Optional[List[Tensor]]) -> None:
-        """Advance tangent ``index`` (key ``key``) of the group's parameters; ``hvp=None``: fresh."""
+        """Advance tangent ``index`` (key ``key``) of the group's parameters by one step.
+
+        ``direct`` is the indicator [theta = x] on this group; ``hvp`` is H_t w' over the group's
+        parameters, or ``None`` when the tangents are zero on entry (greedy horizon, reset step): then
+        their memory is overwritten, never read.
+        """
 
     def apply(self, group: Group, work: Any) -> None:
         """Move the weights (after every tangent update, which reads w_t)."""
