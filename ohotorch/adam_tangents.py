@@ -30,12 +30,21 @@ Functions ending in ``_`` write into their arguments.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["adam_direction_", "adam_apply_", "adam_tangent_update_"]
+__all__ = ["AdamDirection", "adam_direction_", "adam_apply_", "adam_tangent_update_"]
+
+
+class AdamDirection(NamedTuple):
+    """What one Adam step computed before moving the weights, per parameter."""
+
+    d: List[Tensor]  # the gradient the moments saw (g + lam w for Adam, g for AdamW)
+    denom: List[Tensor]  # delta_t = sqrt(v_t) / sqrt(c_2) + eps
+    bc1: List[float]  # c_1 = 1 - beta1^t
+    bc2_sqrt: List[float]  # sqrt(c_2) = sqrt(1 - beta2^t)
 
 
 def adam_direction_(
@@ -52,11 +61,11 @@ def adam_direction_(
     weight_decay: float,
     decoupled: bool,
     foreach: bool,
-) -> Dict[str, Any]:
+) -> AdamDirection:
     """Advance step counts and moments in place and compute the denominators (torch.optim.Adam's ops).
 
-    Returns ``d`` (the gradient the moments saw), ``denom`` (:math:`\\delta_t`), ``bc1`` and
-    ``bc2_sqrt`` per parameter; the weights are not moved (see :func:`adam_apply_`).
+    Returns an :class:`AdamDirection` (``d``, ``denom`` :math:`\\delta_t`, ``bc1``, ``bc2_sqrt`` per
+    parameter); the weights are not moved (see :func:`adam_apply_`).
     """
     if weight_decay != 0 and not decoupled:
         if foreach:
@@ -84,7 +93,7 @@ def adam_direction_(
         torch._foreach_add_(denom, eps)
     else:
         denom = [(v.sqrt() / c).add_(eps) for v, c in zip(exp_avg_sqs, bc2_sqrt)]
-    return dict(d=d, denom=denom, bc1=bc1, bc2_sqrt=bc2_sqrt)
+    return AdamDirection(d=d, denom=denom, bc1=bc1, bc2_sqrt=bc2_sqrt)
 
 
 def adam_apply_(

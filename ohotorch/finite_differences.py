@@ -15,17 +15,20 @@ take a measured step, :data:`LOW_PRECISION_STEP`.
 Every evaluation inside one optimizer step must see the same function: the same minibatch (the closure
 closes over it), the same dropout masks (:class:`RNGSnapshot`), and the same buffers such as BatchNorm's
 running statistics (:class:`BufferSnapshot`), which must end as one ordinary training step leaves them.
+:class:`ClosureIsolation` is the one place that evaluates a closure on the optimizer's behalf, for the
+Hessian-vector products (:func:`fd_hvp`) and the validation gradient alike, and leaves the gradients,
+the RNG, the module's buffers and the weights as it found them, on success or on any exception.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["RNGSnapshot", "BufferSnapshot", "clone_all", "relative_step", "perturbation_scale",
-           "LOW_PRECISION_STEP"]
+__all__ = ["RNGSnapshot", "BufferSnapshot", "ClosureIsolation", "fd_hvp", "check_loss", "clone_all",
+           "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
 
 
 # The relative step for closures that compute in a 16-bit format (bf16 autocast), measured rather than
@@ -113,3 +116,152 @@ def clone_all(tensors: List[Tensor]) -> List[Tensor]:
         with torch.no_grad():
             torch._foreach_copy_(copies, [t.detach() for t in tensors])
     return copies
+
+
+def check_loss(loss: Any, what: str) -> None:
+    """Refuse a closure result that is not a loss (``None`` or not a Tensor / number)."""
+    if loss is None:
+        raise TypeError(f"{what} returned no loss: it must compute the loss, call backward and return it")
+    if not isinstance(loss, (Tensor, float, int)):
+        raise TypeError(f"{what} must return the loss (a Tensor or number), got {type(loss).__name__}")
+
+
+class ClosureIsolation:
+    """Evaluate closures for the optimizer and leave everything the user had as it was.
+
+    On entry it keeps the parameters' gradients (the tensors themselves, plus a copy of those that are
+    views into a larger buffer: DDP's ``gradient_as_bucket_view`` and flat-buffer hooks rewrite that
+    memory in every backward, fresh autograd gradients are never views), the RNG state, the module's
+    buffers (when ``buffers`` is given) and a copy of ``weights`` (the parameters :meth:`perturb_`
+    moves). On exit, normal or by any exception (``KeyboardInterrupt`` included), it puts all of them
+    back: ``p.grad`` is the same tensor with the same values, RNG and buffers are as on entry, and the
+    weights are restored by copy, never by undoing arithmetic.
+
+    Args:
+        params: every parameter whose ``.grad`` the closures may write.
+        weights: the parameters to snapshot for :meth:`perturb_` (default: none).
+        buffers: a :class:`BufferSnapshot` factory's result taken now, or ``None`` (no module).
+        replay: ``(rng, buffers)`` to restore before every evaluation, so that each one sees the
+            dropout masks and buffers of an earlier evaluation (``buffers`` may be ``None``).
+        foreach: move the weights with ``torch._foreach_*`` ops (decided once by the caller).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        *,
+        weights: Sequence[Tensor] = (),
+        buffers: Optional[BufferSnapshot] = None,
+        replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]] = None,
+        foreach: bool = False,
+    ) -> None:
+        self.params = list(params)
+        self.weights = list(weights)
+        self.buffers = buffers
+        self.replay = replay
+        self.foreach = foreach
+
+    def __enter__(self) -> "ClosureIsolation":
+        self.kept_grads = [p.grad for p in self.params]
+        views = [g for g in self.kept_grads if g is not None and g._base is not None]
+        copies = iter(clone_all(views))
+        self.grad_backups = [next(copies) if g is not None and g._base is not None else None
+                             for g in self.kept_grads]
+        self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None}
+        self.rng = RNGSnapshot().capture()
+        self.weight_copies = clone_all(self.weights)
+        return self
+
+    def perturb_(self, direction: Sequence[Tensor], scale: float) -> None:
+        """Set ``weights`` to their entry values plus ``scale * direction``."""
+        if self.foreach:
+            torch._foreach_copy_(self.weights, self.weight_copies)
+            torch._foreach_add_(self.weights, list(direction), alpha=scale)
+        else:
+            for w, copy, v in zip(self.weights, self.weight_copies, direction):
+                w.copy_(copy).add_(v, alpha=scale)
+
+    def restore_weights(self) -> None:
+        """Copy the entry values back into ``weights``."""
+        if self.foreach and self.weights:
+            torch._foreach_copy_(self.weights, self.weight_copies)
+        else:
+            for w, copy in zip(self.weights, self.weight_copies):
+                w.copy_(copy)
+
+    def evaluate(self, closure: Callable[[], Any], what: str) -> Tuple[Any, List[Optional[Tensor]]]:
+        """Run ``closure`` from cleared gradients; returns its loss and the gradients of ``params``.
+
+        The returned gradients are tensors of their own: when the closure wrote into the memory of a kept
+        gradient (a view), they are copied out and the kept gradient is restored from its backup.
+        """
+        if self.replay is not None:
+            rng, buffers = self.replay
+            rng.restore()  # the same dropout masks as the evaluation replayed
+            if buffers is not None:
+                buffers.restore()  # the same buffers as it saw
+        for p in self.params:
+            p.grad = None  # the closure's backward allocates fresh gradients
+        with torch.enable_grad():
+            loss = closure()
+        check_loss(loss, what)
+        grads = [p.grad for p in self.params]
+        aliased = [i for i, g in enumerate(grads) if g is not None and g.data_ptr() in self.kept_pointers]
+        if aliased:
+            if any(self.grad_backups[i] is None for i in aliased):  # never silently: the gradient is gone
+                raise RuntimeError(
+                    f"OHO: the {what} wrote its gradient into the memory of the training gradient, which is "
+                    "not a view OHO could have foreseen; please report this setup")
+            grads = [g.clone() if g is not None else None for g in grads]
+            for kept, backup in zip(self.kept_grads, self.grad_backups):
+                if backup is not None:
+                    kept.copy_(backup)
+        return loss, grads
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.restore_weights()
+        for p, grad in zip(self.params, self.kept_grads):
+            p.grad = grad
+        self.rng.restore()
+        if self.buffers is not None:
+            self.buffers.restore()
+
+
+def fd_hvp(
+    isolation: ClosureIsolation,
+    closure: Callable[[], Any],
+    tangent: Sequence[Tensor],
+    train_grads: Sequence[Tensor],
+    *,
+    eps: float,
+    scheme: str,
+) -> List[Tensor]:
+    """H v at the isolation's weights by finite differences of ``closure`` (``scheme``: forward or central).
+
+    ``tangent`` is v, one tensor per entry of ``isolation.weights``; ``train_grads`` the gradient at the
+    unperturbed weights (forward differences reuse it). Returns tensors of its own; the weights end at
+    their saved values (by copy). foreach is the isolation's, decided once by its caller.
+    """
+    index = {id(p): i for i, p in enumerate(isolation.params)}
+    positions = [index[id(w)] for w in isolation.weights]
+
+    def gradient_at(shift: float) -> List[Tensor]:
+        isolation.perturb_(tangent, shift)
+        _, grads = isolation.evaluate(closure, "closure")
+        return [grads[i] if grads[i] is not None else torch.zeros_like(w)
+                for i, w in zip(positions, isolation.weights)]
+
+    plus = gradient_at(eps)
+    if scheme == "central":
+        minus: Sequence[Tensor] = gradient_at(-eps)
+        scale = 2.0 * eps
+    else:
+        minus, scale = train_grads, eps
+    isolation.restore_weights()  # exact: the perturbation is never undone arithmetically
+    if isolation.foreach:
+        torch._foreach_sub_(plus, list(minus))
+        torch._foreach_div_(plus, scale)
+    else:
+        for a, b in zip(plus, minus):
+            a.sub_(b).div_(scale)
+    return plus

@@ -12,11 +12,19 @@ steps :math:`\phi`, and :math:`P` projects :math:`f(\phi)` onto the bounds. Adam
 parameter moves :math:`\theta` by a bounded *relative* amount per step whatever the scale of the loss,
 of the hyperparameter, or of the influence: the default, and the reason one meta learning rate serves
 problems of very different scale. All of this is scalar work on Python floats, once per hyper-step.
+
+:func:`meta_update_` is the whole policy of one hyper-step: a value changed from outside since the last
+hyper-step (by the user, a scheduler, a checkpoint edit) is the new starting point and its meta-optimizer
+state restarts; ``meta_lr = 0`` leaves the value bit-identical; the result is projected onto the bounds;
+and nothing is written (values nor meta-optimizer state) unless every hypergradient, the loss and every
+new value are finite.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, MutableMapping, Sequence, Tuple
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -29,6 +37,11 @@ __all__ = [
     "project",
     "meta_sgd_step",
     "meta_adam_step",
+    "MetaConfig",
+    "meta_update_",
+    "COMMITTED",
+    "NONFINITE_HYPERGRADIENT",
+    "NONFINITE_RESULT",
 ]
 
 # lr_scale multiplies a scheduled lr (the effective lr is group["lr"] * group["lr_scale"]): tuning it
@@ -105,3 +118,74 @@ def meta_adam_step(
     m_hat = m / (1.0 - b1**t)
     v_hat = v / (1.0 - b2**t)
     return phi - lr * m_hat / (math.sqrt(v_hat) + eps)
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """The meta-update's constants (validated by :class:`ohotorch.options.Options`)."""
+
+    meta_lr: Mapping[str, float]
+    optimizer: str  # "adam" or "sgd"
+    betas: Tuple[float, float]
+    eps: float
+    space: str  # "log" or "raw"
+    bounds: Mapping[str, Tuple[float, float]]
+
+
+COMMITTED = "committed"
+NONFINITE_HYPERGRADIENT = "nonfinite_hypergradient"
+NONFINITE_RESULT = "nonfinite_result"
+
+
+def meta_update_(
+    param_groups: Sequence[MutableMapping[str, Any]],
+    hypergradients: Sequence[Tuple[int, str, float]],
+    loss: float,
+    meta_state: MutableMapping[str, Dict[str, float]],
+    config: MetaConfig,
+) -> str:
+    """One hyper-step: move every ``param_groups[g][name]`` by its hypergradient, all or nothing.
+
+    ``hypergradients`` lists ``(group index, name, dL/dtheta)``; ``meta_state`` maps ``"g/name"`` to
+    the meta-optimizer state of that value (Adam's m, v, t and ``"written"``, the value this function
+    last wrote). Returns :data:`COMMITTED`, or :data:`NONFINITE_HYPERGRADIENT` /
+    :data:`NONFINITE_RESULT` when it changed nothing at all (neither values nor state).
+    """
+    if not (math.isfinite(loss) and all(math.isfinite(h) for _, _, h in hypergradients)):
+        return NONFINITE_HYPERGRADIENT
+    proposals: List[Tuple[int, str, float, Dict[str, float]]] = []
+    for index, name, h in hypergradients:
+        if name not in config.meta_lr:
+            raise ValueError(f"meta_lr has no value for {name!r} (tuned in param group {index})")
+        theta = float(param_groups[index][name])
+        key = f"{index}/{name}"
+        state = dict(meta_state.get(key, {}))  # a copy: committed only with the new value
+        previous = state.get("written", theta)
+        if previous != theta:
+            # Set from outside: the moments measured at the old scale would freeze or fling it.
+            state.clear()
+            if name == "lr":
+                warnings.warn(
+                    f"OHO: the lr of param group {index} was changed from outside since the last hyper_step "
+                    f"({previous} -> {theta}); OHO continues from the new value. If a "
+                    "scheduler (e.g. ReduceLROnPlateau) sets it, tune 'lr_scale' instead of 'lr' so the "
+                    "two do not overwrite each other."
+                )
+        phi = to_meta(name, theta, config.space)
+        grad = h * meta_derivative(name, theta, config.space)
+        lr = config.meta_lr[name]
+        if config.optimizer == "adam":
+            new_phi = meta_adam_step(phi, grad, state, lr=lr, betas=config.betas, eps=config.eps)
+        else:
+            new_phi = meta_sgd_step(phi, grad, lr=lr)
+        new_theta = project(from_meta(name, new_phi, config.space), config.bounds[name])
+        if lr == 0.0:
+            new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
+        proposals.append((index, name, new_theta, state))
+    if not all(math.isfinite(theta) for _, _, theta, _ in proposals):
+        return NONFINITE_RESULT
+    for index, name, theta, state in proposals:
+        param_groups[index][name] = theta
+        state["written"] = theta
+        meta_state[f"{index}/{name}"] = state
+    return COMMITTED

@@ -1,39 +1,49 @@
 r"""``OHO``: torch.optim.SGD whose lr, weight decay and momentum tune themselves online.
 
-The shell around :mod:`ohotorch.sgd_tangents` (the update and tangent math),
-:mod:`ohotorch.finite_differences` (Hessian-vector products from the closure) and :mod:`ohotorch.meta`
-(the meta-update). It validates arguments, owns the state, and orders the work of one step.
+The shell: it validates arguments (:class:`ohotorch.options.Options`, the rule's group checks), owns the
+state, and orders the work of one step. The work itself is elsewhere: the inner rule's update and
+tangents (:mod:`ohotorch.rules` over :mod:`ohotorch.sgd_tangents` / :mod:`ohotorch.adam_tangents`), the
+influence's layout, norms and hypergradient contraction (:mod:`ohotorch.influence`), the closure
+evaluations and Hessian-vector products (:mod:`ohotorch.finite_differences`), and the meta-update
+(:mod:`ohotorch.meta`).
+
+**Order of one step.** (1) scale the influence by the discount (or note that it restarts from zero) and
+take its norms; (2) evaluate the training closure; (3) ``prepare`` every group (the rule's state and
+direction, weights unmoved); (4) advance every tangent, a Hessian-vector product per non-zero tangent
+inside one :class:`~ohotorch.finite_differences.ClosureIsolation`; (5) ``apply`` (move the weights).
+Every change to the user's tensors happens in (3)-(5), after the last place a closure can fail but for
+the HVPs of (4): the isolation puts weights, grads, RNG and buffers back on any exception; rule state
+and tangents written before a failing HVP are the remaining gap of the strong exception guarantee
+(computing all HVPs before (3) would close it at the cost of K HVPs alive at once).
+
+**Host syncs**, the places a sync-free GPU path would replace by on-device ``torch.where``: the tangent
+norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiteness), the finiteness of
+the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._advance_influence`), and
+the hypergradients with the validation loss (one ``.tolist()`` in :meth:`OHO.hyper_step`, then scalar
+work in :func:`ohotorch.meta.meta_update_`). With the greedy default (no HVP) a step has one sync, the
+training loss's finiteness.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import meta
-from .finite_differences import BufferSnapshot, RNGSnapshot, clone_all, perturbation_scale, relative_step
-from .sgd_tangents import sgd_apply_, sgd_direction_, sgd_tangent_update_
+from . import influence, meta
+from .finite_differences import (BufferSnapshot, ClosureIsolation, RNGSnapshot, check_loss, fd_hvp,
+                                 perturbation_scale, relative_step)
+from .influence import TangentKey
+from .options import Options, canonical_tune
+from .rules import Rule, SGDRule, effective_lr
 
 __all__ = ["OHO"]
 
 Closure = Callable[[], Any]
-
-
-def _canonical_tune(tune: Any, allowed: Tuple[str, ...] = meta.HYPERPARAMETERS) -> Tuple[str, ...]:
-    if isinstance(tune, str):
-        tune = (tune,)
-    try:
-        names = tuple(tune)
-    except TypeError:
-        raise TypeError(f"tune must be a collection of hyperparameter names, got {tune!r}") from None
-    for name in names:
-        if not isinstance(name, str) or name not in allowed:
-            raise ValueError(f"Unknown hyperparameter in tune: {name!r}; tunable ones are {allowed}")
-    return tuple(n for n in allowed if n in names)
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -41,12 +51,36 @@ def _is_sharded(p: Tensor) -> bool:
     return type(p).__name__ in ("DTensor", "FlatParameter") or type(getattr(p, "data", None)).__name__ == "DTensor"
 
 
-def _real(value: Any, what: str) -> float:
-    if isinstance(value, Tensor):
-        raise TypeError(f"{what} must be a Python number, got a Tensor (tensor {what} is not supported)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number, got {value!r}")
-    return float(value)
+@dataclass
+class Bookkeeping:
+    """Counters, the tangent layout and the meta-optimizer state (saved by state_dict under "oho")."""
+
+    steps: int = 0
+    hyper_steps: int = 0
+    keys: Optional[List[TangentKey]] = None
+    meta_state: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    nonfinite_hypergradients: int = 0
+    nonfinite_influence: int = 0
+
+    def to_state(self) -> Dict[str, Any]:
+        return {
+            "steps": self.steps, "hyper_steps": self.hyper_steps,
+            "keys": None if self.keys is None else [list(key) for key in self.keys],
+            "meta_state": {slot: dict(values) for slot, values in self.meta_state.items()},
+            "nonfinite_hypergradients": self.nonfinite_hypergradients,
+            "nonfinite_influence": self.nonfinite_influence,
+        }
+
+    @classmethod
+    def from_state(cls, saved: Mapping[str, Any]) -> "Bookkeeping":
+        keys = saved.get("keys")
+        return cls(
+            steps=saved.get("steps", 0), hyper_steps=saved.get("hyper_steps", 0),
+            keys=None if keys is None else [(key[0], key[1]) for key in keys],
+            meta_state={slot: dict(values) for slot, values in saved.get("meta_state", {}).items()},
+            nonfinite_hypergradients=saved.get("nonfinite_hypergradients", 0),
+            nonfinite_influence=saved.get("nonfinite_influence", 0),
+        )
 
 
 class OHO(Optimizer):
@@ -73,7 +107,8 @@ class OHO(Optimizer):
     (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
     zero, so none at all with the default greedy horizon ``discount=0``), plus one validation gradient
     per ``hyper_step``. Memory: K tangents (2K with momentum) of the parameters' size, plus, while HVPs
-    run, a copy of the weights, a backup of the training gradient and one gradient.
+    run, a copy of the weights, one gradient, and a backup of the training gradient where it is a view
+    into a larger buffer (DDP's ``gradient_as_bucket_view``).
 
     **Drop-in change** to an SGD loop::
 
@@ -102,7 +137,8 @@ class OHO(Optimizer):
         meta_lr: meta learning rate, a float or ``{name: float}``. ``None`` takes the scale-free
             default of ``meta_optimizer="adam", space="log"`` (0.02: each hyper-step moves a
             hyperparameter by at most about 2% of its value); ``0`` computes hypergradients but never
-            changes a hyperparameter.
+            changes a hyperparameter. A mapping's missing names take that default; where there is
+            none (``meta_optimizer="sgd"`` or ``space="raw"``) it must name every tuned hyperparameter.
         meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper's; needs an explicit meta_lr).
         meta_betas, meta_eps: Adam's constants for the meta-update.
         space: ``"log"`` (relative steps, default) or ``"raw"`` (the paper's absolute steps).
@@ -137,6 +173,14 @@ class OHO(Optimizer):
     after each step and hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
     """
 
+    _rule: Rule = SGDRule()
+    TUNABLE: Tuple[str, ...] = SGDRule.tunable
+    # Keys that param groups of earlier versions may lack, with the value they meant.
+    _LEGACY_GROUP_DEFAULTS: Dict[str, Any] = {"lr_scale": 1.0, "nesterov": False, "dampening": 0.0,
+                                              "tune": ("lr", "weight_decay")}
+    # GradScaler then hands step() its scale instead of silently unscaling around it: step() refuses it.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -147,167 +191,49 @@ class OHO(Optimizer):
         weight_decay: float = 0.0,
         *,
         tune: Iterable[str] = ("lr", "weight_decay"),
-        meta_lr: Union[None, float, Mapping[str, float]] = None,
-        meta_optimizer: str = "adam",
-        meta_betas: Tuple[float, float] = (0.9, 0.999),
-        meta_eps: float = 1e-15,
-        space: str = "log",
-        bounds: Optional[Mapping[str, Tuple[float, float]]] = None,
-        influence: str = "exact",
-        hvp: str = "forward",
-        fd_rel: Optional[float] = None,
-        compute_dtype: Optional[torch.dtype] = None,
-        reset_every: Optional[int] = None,
-        discount: float = 0.0,
-        module: Optional[nn.Module] = None,
-        foreach: Optional[bool] = None,
+        meta_lr: Union[None, float, Mapping[str, float]] = Options.meta_lr,
+        meta_optimizer: str = Options.meta_optimizer,
+        meta_betas: Tuple[float, float] = Options.meta_betas,
+        meta_eps: float = Options.meta_eps,
+        space: str = Options.space,
+        bounds: Optional[Mapping[str, Tuple[float, float]]] = Options.bounds,
+        influence: str = Options.influence,
+        hvp: str = Options.hvp,
+        fd_rel: Optional[float] = Options.fd_rel,
+        compute_dtype: Optional[torch.dtype] = Options.compute_dtype,
+        reset_every: Optional[int] = Options.reset_every,
+        discount: float = Options.discount,
+        module: Optional[nn.Module] = Options.module,
+        foreach: Optional[bool] = Options.foreach,
     ) -> None:
-        defaults = dict(
-            lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
-            weight_decay=weight_decay, tune=self._canonical_tune(tune),
-        )
-        self._configure(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
-                        meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
-                        fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
-                        discount=discount, module=module, foreach=foreach)
+        defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, tune=self._canonical_tune(tune))
+        options = Options(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
+                          meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
+                          fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
+                          discount=discount, module=module, foreach=foreach)
+        self._setup(params, defaults, options)
+
+    def _setup(self, params: Iterable[Any], defaults: Dict[str, Any], options: Options) -> None:
+        """Store the validated options, then let torch.optim build (and check) the param groups."""
+        self.options = options
+        self.diagnostics: Dict[str, Any] = {}
+        self._bookkeeping = Bookkeeping()
+        self._buffer_storage: Dict[str, List[Tensor]] = {}
         Optimizer.__init__(self, params, defaults)
 
-    def _configure(self, *, meta_lr, meta_optimizer, meta_betas, meta_eps, space, bounds, influence, hvp,
-                   fd_rel, compute_dtype, reset_every, discount, module, foreach) -> None:
-        """Validate and store the options shared by every inner optimizer (meta-update, influence)."""
-        if meta_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"Invalid meta_optimizer: {meta_optimizer!r} (use 'adam' or 'sgd')")
-        if space not in ("log", "raw"):
-            raise ValueError(f"Invalid space: {space!r} (use 'log' or 'raw')")
-        if influence not in ("exact", "blockwise"):
-            raise ValueError(f"Invalid influence: {influence!r} (use 'exact' or 'blockwise')")
-        if hvp not in ("forward", "central"):
-            raise ValueError(f"Invalid hvp: {hvp!r} (use 'forward' or 'central')")
-        b1, b2 = meta_betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid meta_betas: {meta_betas!r} (each in [0, 1))")
-        if not (meta_eps >= 0.0 and math.isfinite(meta_eps)):
-            raise ValueError(f"Invalid meta_eps: {meta_eps!r}")
-        if fd_rel is not None and not (math.isfinite(fd_rel) and fd_rel > 0.0):
-            raise ValueError(f"Invalid fd_rel: {fd_rel!r} (a positive number)")
-        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype)
-                                              and compute_dtype.is_floating_point):
-            raise TypeError(f"compute_dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {compute_dtype!r}")
-        if reset_every is not None and (
-            isinstance(reset_every, bool) or not isinstance(reset_every, int) or reset_every < 1
-        ):
-            raise ValueError(f"Invalid reset_every: {reset_every!r} (a positive integer or None)")
-        if not (0.0 <= _real(discount, "discount") <= 1.0):
-            raise ValueError(f"Invalid discount: {discount!r} (gamma in [0, 1])")
-        if module is not None and not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-
-        self.meta_optimizer = meta_optimizer
-        self.space = space
-        self.meta_lr = self._check_meta_lr(meta_lr, meta_optimizer, space)
-        self.meta_betas = (float(b1), float(b2))
-        self.meta_eps = float(meta_eps)
-        self.bounds = self._check_bounds(bounds)
-        self.influence = influence
-        self.hvp = hvp
-        self.fd_rel = fd_rel
-        self.compute_dtype = compute_dtype
-        self.reset_every = reset_every
-        self.discount = float(discount)
-        self.module = module
-        self.foreach = foreach
-        self.diagnostics: Dict[str, Any] = {}
-        # Counters and meta-optimizer state shared by all parameters (saved by state_dict under "oho").
-        self._oho: Dict[str, Any] = {
-            "steps": 0, "hyper_steps": 0, "keys": None, "meta_state": {},
-            "nonfinite_hypergradients": 0, "nonfinite_influence": 0,
-        }
-
     # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_meta_lr(meta_lr: Any, meta_optimizer: str, space: str) -> Dict[str, float]:
-        if meta_lr is None:
-            default = meta.DEFAULT_META_LR.get((meta_optimizer, space))
-            if default is None:
-                raise ValueError(
-                    f"meta_lr is required with meta_optimizer={meta_optimizer!r}, space={space!r}: "
-                    "its scale depends on the problem (the OHO paper used 1e-5 for CIFAR10, 1e-4 for MNIST)"
-                )
-            return {name: default for name in meta.HYPERPARAMETERS}
-        if isinstance(meta_lr, Mapping):
-            unknown = set(meta_lr) - set(meta.HYPERPARAMETERS)
-            if unknown:
-                raise ValueError(f"Unknown hyperparameter in meta_lr: {sorted(unknown)}")
-            base = OHO._check_meta_lr(None, "adam", "log")
-            values = {**base, **{k: _real(v, f"meta_lr[{k!r}]") for k, v in meta_lr.items()}}
-        else:
-            values = {name: _real(meta_lr, "meta_lr") for name in meta.HYPERPARAMETERS}
-        for name, value in values.items():
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ValueError(f"Invalid meta_lr for {name}: {value}")
-        return values
-
-    @staticmethod
-    def _check_bounds(bounds: Optional[Mapping[str, Tuple[float, float]]]) -> Dict[str, Tuple[float, float]]:
-        result = dict(meta.DEFAULT_BOUNDS)
-        for name, pair in (bounds or {}).items():
-            if name not in meta.HYPERPARAMETERS:
-                raise ValueError(f"Unknown hyperparameter in bounds: {name!r}")
-            low, high = (_real(v, f"bounds[{name!r}]") for v in pair)
-            default_low, default_high = meta.DEFAULT_BOUNDS[name]
-            if math.isnan(low) or math.isnan(high) or low > high or low < default_low or high > default_high:
-                raise ValueError(
-                    f"Invalid bounds for {name}: ({low}, {high}); they must satisfy "
-                    f"{default_low} <= low <= high <= {default_high}"
-                )
-            result[name] = (low, high)
-        return result
-
-    TUNABLE: Tuple[str, ...] = meta.HYPERPARAMETERS
-    # GradScaler then hands step() its scale instead of silently unscaling around it: step() refuses it.
-    _step_supports_amp_scaling = True
-
     @classmethod
     def _canonical_tune(cls, tune: Any) -> Tuple[str, ...]:
-        return _canonical_tune(tune, cls.TUNABLE)
-
-    @staticmethod
-    def _check_lr_and_weight_decay(group: Dict[str, Any]) -> None:
-        """The checks every inner optimizer shares (torch.optim's messages)."""
-        lr = _real(group["lr"], "lr")
-        if not (math.isfinite(lr) and lr >= 0.0):
-            raise ValueError(f"Invalid learning rate: {group['lr']}")
-        group.setdefault("lr_scale", 1.0)
-        scale = _real(group["lr_scale"], "lr_scale")
-        if not (math.isfinite(scale) and scale >= 0.0):
-            raise ValueError(f"Invalid lr_scale: {group['lr_scale']} (a finite multiplier >= 0)")
-        tune = group.get("tune", ())
-        if "lr" in tune and "lr_scale" in tune:
-            raise ValueError("tune 'lr' or 'lr_scale', not both: the effective lr is lr * lr_scale, so the two "
-                             "hypergradients are the same direction")
-        wd = _real(group["weight_decay"], "weight_decay")
-        if not (math.isfinite(wd) and wd >= 0.0):
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        return canonical_tune(tune, cls.TUNABLE)
 
     def _check_group(self, group: Dict[str, Any]) -> None:
-        self._check_lr_and_weight_decay(group)
-        mu = _real(group["momentum"], "momentum")
-        if not (0.0 <= mu < 1.0):
-            raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in [0, 1))")
-        damp = _real(group["dampening"], "dampening")
-        if not math.isfinite(damp):
-            raise ValueError(f"Invalid dampening value: {group['dampening']}")
-        if group["nesterov"] and (mu <= 0.0 or damp != 0.0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         group["tune"] = self._canonical_tune(group["tune"])
-        if "momentum" in group["tune"] and mu == 0.0 and damp != 0.0:
-            raise ValueError(
-                "Cannot tune momentum from 0 with dampening != 0: torch.optim.SGD's update jumps at "
-                "momentum = 0 (no buffer) when dampening is set; start from momentum > 0 or dampening = 0"
-            )
+        self._rule.check_group(group)
+        self.options.check_tuned(group["tune"])
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        if self._oho["keys"] is not None:
+        if self._bookkeeping.keys is not None:
             raise ValueError("OHO.add_param_group after the first step is not supported: the influence "
                              "tensors are laid out for the groups present at the first step")
         super().add_param_group(param_group)
@@ -324,96 +250,10 @@ class OHO(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # keep checkpoints of earlier versions loadable
-            group.setdefault("lr_scale", 1.0)
-            group.setdefault("nesterov", False)
-            group.setdefault("dampening", 0.0)
-            group.setdefault("tune", ("lr", "weight_decay"))
+            for key, value in self._LEGACY_GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
 
-    def _snapshot(self, slot: str) -> Optional[BufferSnapshot]:
-        """The module's buffers now, in memory kept per ``slot`` (none allocated after the first step)."""
-        if self.module is None:
-            return None
-        storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
-        return BufferSnapshot(self.module.buffers(), storage)
-
-    def _check_no_scheduler_on_tuned_lr(self) -> None:
-        # torch.optim.lr_scheduler.LRScheduler marks the groups it drives with "initial_lr".
-        for g, group in enumerate(self.param_groups):
-            if "initial_lr" in group and "lr" in group["tune"]:
-                raise RuntimeError(
-                    f"An lr scheduler drives param group {g} while OHO tunes its 'lr': each would overwrite "
-                    "the other. Tune the multiplier instead, tune=('lr_scale', ...): the scheduler sets "
-                    "group['lr'], OHO tunes group['lr_scale'], and the step uses lr * lr_scale."
-                )
-
-    # ------------------------------------------------------------------ layout helpers
-    def _tuning(self) -> bool:
-        return any(group["tune"] for group in self.param_groups)
-
-    def _keys(self) -> List[Tuple[Optional[int], str]]:
-        """The tangents: (group index, name) in exact mode, (None, name) in blockwise mode.
-
-        With the greedy horizon (discount 0) no HVP couples the groups and the two modes give the same
-        hypergradients, so exact mode takes blockwise's layout (K = tuned names, not groups x names).
-        """
-        if self._oho["keys"] is None:
-            if self.influence == "exact" and self.discount > 0.0:
-                keys = [(g, n) for g, group in enumerate(self.param_groups) for n in group["tune"]]
-            else:
-                names = {n for group in self.param_groups for n in group["tune"]}
-                keys = [(None, n) for n in meta.HYPERPARAMETERS if n in names]
-            self._oho["keys"] = keys
-        return self._oho["keys"]
-
-    def _direct(self, key: Tuple[Optional[int], str], g: int) -> bool:
-        """[theta = x] for tangent ``key`` on the parameters of group ``g``."""
-        owner, name = key
-        return owner == g if owner is not None else name in self.param_groups[g]["tune"]
-
-    @staticmethod
-    def _lr(group: Dict[str, Any]) -> float:
-        """The lr a step uses: the group's (scheduled) lr times OHO's multiplier (1 unless tuned)."""
-        return group["lr"] * group["lr_scale"]
-
-    @staticmethod
-    def _lr_derivative(group: Dict[str, Any], key: Tuple[Optional[int], str]) -> float:
-        """d(effective lr)/d(theta) for the lr-like tangent ``key``."""
-        return group["lr"] if key[1] == "lr_scale" else group["lr_scale"]
-
-    @staticmethod
-    def _uses_buffer(group: Dict[str, Any]) -> bool:
-        return group["momentum"] != 0 or "momentum" in group["tune"]
-
-    def _tangent_buffers(self, group: Dict[str, Any]) -> Tuple[str, ...]:
-        """Per-tangent companions of w' that the inner optimizer's state needs (b' for momentum)."""
-        return ("tangent_b",) if self._uses_buffer(group) else ()
-
-    def _use_foreach(self, params: Sequence[Tensor]) -> bool:
-        if self.foreach is not None:
-            return bool(self.foreach)
-        return bool(params) and all(p.is_cuda for p in params)
-
-    def _state_for(self, p: Tensor, group: Dict[str, Any], n_keys: int) -> Dict[str, Any]:
-        state = self.state[p]
-        if n_keys and "tangent_w" not in state:
-            dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
-            state["tangent_w"] = torch.zeros((n_keys, *p.shape), dtype=dtype, device=p.device)
-        # The greedy horizon never reads b' (or m', v') after the step that wrote them: not kept.
-        for name in self._tangent_buffers(group) if n_keys and self.discount > 0.0 else ():
-            if name not in state:
-                state[name] = torch.zeros_like(state["tangent_w"])
-        return state
-
-    # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:  # type: ignore[override]
-        """One SGD step and, when tuning, one influence update (re-running ``closure`` for the HVPs).
-
-        ``closure`` follows torch's LBFGS convention: clear grads, compute the training loss on one
-        batch, backward, return the loss. It is required while anything is tuned. Returns the loss of
-        the first evaluation. Afterwards ``p.grad`` holds that evaluation's gradient, the RNG and the
-        module's buffers are as one ordinary evaluation leaves them.
-        """
+    def _refuse_grad_scaler(self) -> None:
         if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
             self.__dict__.pop("grad_scale", None)  # GradScaler deletes them only when step returns
             self.__dict__.pop("found_inf", None)
@@ -423,6 +263,63 @@ class OHO(Optimizer):
                 "Train in bf16 instead: torch.autocast(device_type, dtype=torch.bfloat16) inside the closures "
                 "needs no loss scaling; pass compute_dtype=torch.bfloat16 to OHO."
             )
+
+    def _check_no_scheduler_on_tuned_lr(self) -> None:
+        # torch.optim.lr_scheduler.LRScheduler marks the groups it drives with "initial_lr".
+        for index, group in enumerate(self.param_groups):
+            if "initial_lr" in group and "lr" in group["tune"]:
+                raise RuntimeError(
+                    f"An lr scheduler drives param group {index} while OHO tunes its 'lr': each would overwrite "
+                    "the other. Tune the multiplier instead, tune=('lr_scale', ...): the scheduler sets "
+                    "group['lr'], OHO tunes group['lr_scale'], and the step uses lr * lr_scale."
+                )
+
+    # ------------------------------------------------------------------ small helpers
+    def _snapshot(self, slot: str) -> Optional[BufferSnapshot]:
+        """The module's buffers now, in memory kept per ``slot`` (none allocated after the first step)."""
+        if self.module is None:
+            return None
+        storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
+        return BufferSnapshot(self.module.buffers(), storage)
+
+    def _tuning(self) -> bool:
+        return any(group["tune"] for group in self.param_groups)
+
+    def _keys(self) -> List[TangentKey]:
+        """The tangent keys, fixed at the first step (see :mod:`ohotorch.influence`)."""
+        if self._bookkeeping.keys is None:
+            self._bookkeeping.keys = influence.tangent_keys(self.param_groups, influence=self.influence,
+                                                            discount=self.discount)
+        return self._bookkeeping.keys
+
+    def _use_foreach(self, params: Sequence[Tensor]) -> bool:
+        """The ``torch._foreach_*`` path, decided once per step: the option, else every parameter on CUDA."""
+        if self.foreach is not None:
+            return bool(self.foreach)
+        return bool(params) and all(p.is_cuda for p in params)
+
+    def _state_for(self, p: Tensor, group: Dict[str, Any], n_keys: int) -> Dict[str, Any]:
+        state = self.state[p]
+        # The greedy horizon never reads b' (or m', v') after the step that wrote them: not kept.
+        companions = self._rule.companions(group) if self.discount > 0.0 else ()
+        influence.ensure_tangents(state, p, n_keys, companions)
+        return state
+
+    def _all_params(self) -> List[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:  # type: ignore[override]
+        """One step of the inner rule and, when tuning, one influence update (re-running ``closure`` for
+        the HVPs).
+
+        ``closure`` follows torch's LBFGS convention: clear grads, compute the training loss on one
+        batch, backward, return the loss. It is required while anything is tuned. Returns the loss of
+        the first evaluation. Afterwards ``p.grad`` holds that evaluation's gradient, the RNG and the
+        module's buffers are as one ordinary evaluation leaves them.
+        """
+        self._refuse_grad_scaler()
         tuning = self._tuning()
         if tuning:
             self._check_no_scheduler_on_tuned_lr()
@@ -435,275 +332,132 @@ class OHO(Optimizer):
                 "re-evaluate the training loss on the same batch (or pass tune=() for plain SGD)"
             )
         keys = self._keys() if tuning else []
-        n_keys = len(keys)
 
-        norms: List[float] = [0.0] * n_keys
+        # (1) The influence before this step: discounted, or restarting from zero.
+        norms: List[float] = [0.0] * len(keys)
         weight_norm = 0.0
-        fresh = False  # every tangent is zero before this step's update (greedy horizon or a reset)
+        from_zero = False  # every tangent is zero before this step's update (greedy horizon or a reset)
         if tuning:
-            reset = self.reset_every is not None and self._oho["steps"] % self.reset_every == 0
-            fresh = reset or self.discount == 0.0
-            if not fresh:
+            reset = self.reset_every is not None and self._bookkeeping.steps % self.reset_every == 0
+            from_zero = reset or self.discount == 0.0
+            if not from_zero:
                 if self.discount < 1.0:
-                    self._scale_influence(self.discount)
-                norms, weight_norm = self._influence_norms(keys)
-        live = [j for j, n in enumerate(norms) if n > 0.0]
+                    influence.scale_tangents_(list(self.state.values()), self.discount)
+                norms, weight_norm = self._tangent_norms(keys)
+        nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
 
-        rng_before = RNGSnapshot().capture() if live else None
-        buffers_before = self._snapshot("before") if live else None
+        # (2) The training evaluation, whose RNG and buffers every HVP evaluation replays.
+        replay = (RNGSnapshot().capture(), self._snapshot("before")) if nonzero else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
             if tuning:
-                self._check_loss(loss, "closure")
+                check_loss(loss, "closure")
 
-        # Per group: the parameters with a gradient (torch skips the others) and the SGD direction.
-        work = []
-        for g, group in enumerate(self.param_groups):
+        # (3) Per group: the parameters with a gradient (torch skips the others) and the rule's direction.
+        stepping = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        foreach = self._use_foreach(stepping)
+        works: List[Any] = []
+        for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
-                work.append(None)
+                works.append(None)
                 continue
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("OHO does not support sparse gradients")
-            states = [self._state_for(p, group, n_keys) for p in params]
-            work.append(self._prepare(group, params, states))
+            states = [self._state_for(p, group, len(keys)) for p in params]
+            works.append(self._rule.prepare(group, params, states, foreach))
 
+        # (4) The influence.
         if tuning and loss is not None:
-            finite_loss = bool(torch.isfinite(torch.as_tensor(loss)).all())
-            if not finite_loss:
-                self._oho["nonfinite_influence"] += 1
+            if not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+                self._bookkeeping.nonfinite_influence += 1
                 warnings.warn("OHO: non-finite training loss; the influence was left unchanged this step")
-                if fresh:
-                    self._zero_influence()  # what the horizon left of it: nothing
+                if from_zero:
+                    influence.zero_tangents_(list(self.state.values()))  # what the horizon left of it: nothing
             else:
-                self._advance_influence(closure, keys, norms, weight_norm, live, work, rng_before,
-                                        buffers_before, fresh)
+                self._advance_influence(closure, keys, norms, weight_norm, nonzero, works, replay, from_zero,
+                                        foreach)
 
-        for g, group in enumerate(self.param_groups):
-            if work[g] is not None:
-                self._apply(group, work[g])
-        self._oho["steps"] += 1
+        # (5) Move the weights.
+        for group, work in zip(self.param_groups, works):
+            if work is not None:
+                self._rule.apply(group, work)
+        self._bookkeeping.steps += 1
         return loss
 
-    def _advance_influence(self, closure, keys, norms, weight_norm, live, work, rng_before,
-                           buffers_before, fresh) -> None:
-        active = [p for w in work if w is not None for p in w["params"]]
-        if fresh and len(active) != len(self.state):  # every active param has state: equal counts, same set
-            # The fresh update overwrites the tangents of the parameters that step; those of the
-            # others (no gradient this step) must read zero too. zero_, not mul_(0): NaN must not survive.
-            ids = {id(p) for p in active}
-            idle = [t for p, s in self.state.items() if id(p) not in ids
-                    for k, t in s.items() if k.startswith("tangent_")]
-            if idle:
-                torch._foreach_zero_(idle)
-        train_grads = [p.grad for p in active]
-
-        def update(j: int, hv: Optional[List[Tensor]]) -> None:
-            """Advance tangent j in every group; ``hv`` spans all active params (None: fresh update)."""
-            offset = 0
-            for g, group in enumerate(self.param_groups):
-                w = work[g]
-                if w is None:
-                    continue
-                n = len(w["params"])
-                if hv is not None:
-                    part: Optional[List[Tensor]] = hv[offset:offset + n]
-                elif fresh:
-                    part = None  # zero tangents: the fresh update overwrites them, no HVP needed
-                else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
-                    part = [torch.zeros_like(s["tangent_w"][j]) for s in w["states"]]
-                self._update_tangent(group, w, j, keys[j], g, part)
-                offset += n
-
-        for j in range(len(keys)):
-            if j not in live:
-                update(j, None)
-        if not live:
-            return
-        all_params = [p for group in self.param_groups for p in group["params"]]
-        stashed = [p.grad for p in all_params]
-        rng_after = RNGSnapshot().capture()
-        buffers_after = self._snapshot("after")
-        saved = clone_all(active)
-        # A backup of the training gradient only where gradient memory is a view into a larger buffer
-        # (DDP's gradient_as_bucket_view, flat-buffer hooks): such memory is rewritten by every backward.
-        # Fresh gradients from autograd are not views, so the backup (1x the parameters) is skipped.
-        kept = clone_all(train_grads) if any(g._base is not None for g in train_grads) else None
-        rel = self.fd_rel if self.fd_rel is not None else relative_step(
-            self.compute_dtype or active[0].dtype, self.hvp)
-        try:
-            for j in live:
-                eps = perturbation_scale(weight_norm, norms[j], rel)
-                tangent = [self.state[p]["tangent_w"][j].to(p.dtype) for p in active]
-                hv = self._fd_hvp(closure, active, all_params, tangent, eps, train_grads, kept, saved,
-                                  rng_before, buffers_before)
-                del tangent
-                if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hv)).sum())):  # one sync
-                    self._oho["nonfinite_influence"] += 1
-                    warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[j]}; that tangent was "
-                                  "left unchanged this step")
-                    continue
-                # Tangent j is updated at once (no other HVP reads it): one HVP alive at a time.
-                update(j, hv)
-                del hv
-        finally:
-            for p, grad in zip(all_params, stashed):
-                p.grad = grad
-            rng_after.restore()
-            if buffers_after is not None:
-                buffers_after.restore()
-
-    def _fd_hvp(self, closure, active, all_params, tangent, eps, train_grads, kept, saved, rng,
-                buffers) -> List[Tensor]:
-        """H v for the training loss at the saved weights, by finite differences of ``closure``.
-
-        Returns tensors of its own: when an evaluation wrote into the training gradient's memory (DDP
-        bucket views), the result is copied out and the training gradient restored from ``kept``.
-        """
-        foreach = self._use_foreach(active)
-        train_ptrs = {g.data_ptr() for g in train_grads}
-
-        def gradient_at(shift: float) -> List[Tensor]:
-            if foreach:
-                torch._foreach_copy_(active, saved)
-                torch._foreach_add_(active, tangent, alpha=shift)
-            else:
-                for p, s, v in zip(active, saved, tangent):
-                    p.copy_(s).add_(v, alpha=shift)
-            rng.restore()  # same dropout masks as the training evaluation
-            if buffers is not None:
-                buffers.restore()  # same buffers as it saw
-            for p in all_params:
-                p.grad = None  # the closure's backward allocates fresh gradients
-            with torch.enable_grad():
-                self._check_loss(closure(), "closure")
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in active]
-            if any(g.data_ptr() in train_ptrs for g in grads):
-                if kept is None:  # never silently: the training gradient is gone
-                    raise RuntimeError(
-                        "OHO: the closure wrote its gradient into the memory of the training gradient, "
-                        "which is not a view OHO could have foreseen; please report this setup")
-                grads = [g.clone() for g in grads]
-                for g, k in zip(train_grads, kept):
-                    g.copy_(k)
-            return grads
-
-        plus = gradient_at(eps)
-        if self.hvp == "central":
-            minus = gradient_at(-eps)
-            scale = 2.0 * eps
-        else:
-            minus = train_grads
-            scale = eps
-        # Exact restore: the perturbation is never undone arithmetically.
-        if foreach:
-            torch._foreach_copy_(active, saved)
-        else:
-            for p, s in zip(active, saved):
-                p.copy_(s)
-        if foreach:
-            torch._foreach_sub_(plus, minus)
-            torch._foreach_div_(plus, scale)
-        else:
-            for a, b in zip(plus, minus):
-                a.sub_(b).div_(scale)
-        return plus
-
-    # ------------------------------------------------------------------ the inner optimizer (SGD)
-    def _prepare(self, group: Dict[str, Any], params: List[Tensor], states: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """Advance the inner optimizer's state and compute its direction, without moving the weights."""
-        bufs = [s.get("momentum_buffer") for s in states]
-        first = [b is None for b in bufs]
-        foreach = self._use_foreach(params)
-        uses_buffer = self._uses_buffer(group)
-        direction, previous = sgd_direction_(
-            params, [p.grad for p in params], bufs,
-            weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], use_buffer=uses_buffer,
-            keep_previous_buffer="momentum" in group["tune"], foreach=foreach,
-        )
-        if uses_buffer:
-            for s, b in zip(states, bufs):
-                s["momentum_buffer"] = b
-        return dict(params=params, states=states, bufs=bufs, first=first, direction=direction,
-                    previous=previous, foreach=foreach)
-
-    def _apply(self, group: Dict[str, Any], w: Dict[str, Any]) -> None:
-        """Move the weights (after the influence update, which needs w_t)."""
-        sgd_apply_(w["params"], w["direction"], lr=self._lr(group), foreach=w["foreach"])
-
-    def _initialise_inner_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
-        if self._uses_buffer(group) and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p)
-
-    def _update_tangent(self, group, w, j, key, g, hv) -> None:
-        uses_buffer = self._uses_buffer(group)
-        # Parameters whose momentum buffer was created this step follow b'_1 = d'_1.
-        for first_step in (True, False):
-            idx = [i for i, f in enumerate(w["first"]) if f == first_step]
-            if not idx:
-                continue
-            keep_b = uses_buffer and "tangent_b" in w["states"][idx[0]]
-            sgd_tangent_update_(
-                [w["states"][i]["tangent_w"][j] for i in idx],
-                [w["states"][i]["tangent_b"][j] for i in idx] if keep_b else None,
-                None if hv is None else [hv[i].to(w["states"][i]["tangent_w"].dtype) for i in idx],
-                [w["params"][i] for i in idx],
-                [w["bufs"][i] for i in idx] if uses_buffer else None,
-                [w["previous"][i] for i in idx],
-                [w["direction"][i] for i in idx],
-                lr=self._lr(group), weight_decay=group["weight_decay"], momentum=group["momentum"],
-                dampening=group["dampening"], nesterov=group["nesterov"], first_step=first_step,
-                direct_lr=key[1] in ("lr", "lr_scale") and self._direct(key, g),
-                lr_derivative=self._lr_derivative(group, key),
-                direct_weight_decay=key[1] == "weight_decay" and self._direct(key, g),
-                direct_momentum=key[1] == "momentum" and self._direct(key, g),
-                foreach=w["foreach"], use_buffer=uses_buffer,
-            )
-
-    # ------------------------------------------------------------------ influence bookkeeping
-    def _tangent_tensors(self) -> List[Tensor]:
-        return [t for s in self.state.values() for k, t in s.items() if k.startswith("tangent_")]
-
-    def _zero_influence(self) -> None:
-        for t in self._tangent_tensors():
-            t.zero_()
-
-    def _scale_influence(self, gamma: float) -> None:
-        for t in self._tangent_tensors():
-            t.mul_(gamma)
-
-    def _influence_norms(self, keys: Sequence[Any]) -> Tuple[List[float], float]:
-        """(||w'_j|| for every tangent, ||w||) in one host sync; a non-finite tangent is reset to zero.
-
-        Norms are taken in the tangents' own dtype (no float64 copy of K x parameters); a float32 norm
-        that overflows (||w'|| > ~1e19) counts as non-finite.
-        """
+    def _tangent_norms(self, keys: Sequence[TangentKey]) -> Tuple[List[float], float]:
+        """(||w'_k|| for every tangent, ||w||) in one host sync; a non-finite tangent is reset to zero."""
         pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
         if not keys or not pairs:
             return [0.0] * len(keys), 0.0
-        # One multi-tensor norm per tangent (and one for the weights), squared and summed in float64.
-        lists = [[t[j] for _, t in pairs] for j in range(len(keys))] + [[p.detach() for p, _ in pairs]]
-        squares = [torch.stack(torch._foreach_norm(ts)).double().pow(2).sum() for ts in lists]
-        *norms, weight_norm = torch.stack(squares).sqrt().tolist()
-        for j, n in enumerate(norms):
-            if not math.isfinite(n):
-                self._oho["nonfinite_influence"] += 1
-                warnings.warn(f"OHO: the influence for {keys[j]} became non-finite and was reset to zero")
-                for t in self._tangent_tensors():
-                    t[j].zero_()
-                norms[j] = 0.0
-        self.diagnostics["influence_norm"] = {self._key_name(k): n for k, n in zip(keys, norms)}
+        norms, weight_norm = influence.tangent_norms(pairs, len(keys))
+        for tangent_index, norm in enumerate(norms):
+            if not math.isfinite(norm):
+                self._bookkeeping.nonfinite_influence += 1
+                warnings.warn(f"OHO: the influence for {keys[tangent_index]} became non-finite and was reset to zero")
+                influence.zero_tangent_(list(self.state.values()), tangent_index)
+                norms[tangent_index] = 0.0
+        self.diagnostics["influence_norm"] = {influence.key_name(self.param_groups, key): norm
+                                              for key, norm in zip(keys, norms)}
         return norms, weight_norm
 
-    def _key_name(self, key: Tuple[Optional[int], str]) -> str:
-        owner, name = key
-        if owner is None:
-            return name
-        return f"{self.param_groups[owner].get('name', owner)}/{name}"
+    def _advance_influence(self, closure: Closure, keys: List[TangentKey], norms: List[float],
+                           weight_norm: float, nonzero: List[int], works: List[Any],
+                           replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]], from_zero: bool,
+                           foreach: bool) -> None:
+        """Advance every tangent by one step of the rule; an HVP for each tangent in ``nonzero``."""
+        stepping_groups = [(group_index, group, work)
+                           for group_index, (group, work) in enumerate(zip(self.param_groups, works))
+                           if work is not None]
+        active = [p for _, _, work in stepping_groups for p in work.params]
+        if from_zero and len(active) != len(self.state):  # every active param has state: equal counts, same set
+            # The update from zero overwrites the tangents of the parameters that step; those of the
+            # others (no gradient this step) must read zero too.
+            ids = {id(p) for p in active}
+            influence.zero_tangents_([s for p, s in self.state.items() if id(p) not in ids])
+        train_grads = [p.grad for p in active]
+
+        def update(tangent_index: int, hvp: Optional[List[Tensor]]) -> None:
+            """Advance one tangent in every group; ``hvp`` spans all active params (None: from zero)."""
+            offset = 0
+            for group_index, group, work in stepping_groups:
+                n = len(work.params)
+                if hvp is not None:
+                    part: Optional[List[Tensor]] = hvp[offset:offset + n]
+                elif from_zero:
+                    part = None  # zero tangents: the update from zero overwrites them, no HVP needed
+                else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
+                    part = [torch.zeros_like(s["tangent_w"][tangent_index]) for s in work.states]
+                self._rule.update_tangent(group, work, tangent_index, keys[tangent_index],
+                                          influence.is_direct(self.param_groups, keys[tangent_index], group_index),
+                                          part)
+                offset += n
+
+        for tangent_index in range(len(keys)):
+            if tangent_index not in nonzero:
+                update(tangent_index, None)
+        if not nonzero:
+            return
+        rel = self.fd_rel if self.fd_rel is not None else relative_step(
+            self.compute_dtype or active[0].dtype, self.hvp)
+        with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
+                              replay=replay, foreach=foreach) as isolation:
+            for tangent_index in nonzero:
+                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
+                tangent = [self.state[p]["tangent_w"][tangent_index].to(p.dtype) for p in active]
+                hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp)
+                del tangent
+                if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum())):  # one sync
+                    self._bookkeeping.nonfinite_influence += 1
+                    warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[tangent_index]}; that "
+                                  "tangent was left unchanged this step")
+                    continue
+                # The tangent is updated at once (no other HVP reads it): one HVP alive at a time.
+                update(tangent_index, hvp)
+                del hvp
 
     # ------------------------------------------------------------------ hypergradients
     def hypergradient(self, val_closure: Closure) -> List[Dict[str, Tensor]]:
@@ -720,70 +474,16 @@ class OHO(Optimizer):
     def _hypergradient(self, val_closure: Closure) -> Tuple[List[Dict[str, Tensor]], Any]:
         if val_closure is None or not callable(val_closure):
             raise TypeError("hypergradient/hyper_step need a validation closure")
-        if self._oho["steps"] == 0:
+        if self._bookkeeping.steps == 0:
             raise ValueError("hyper_step/hypergradient called before any step(): there is no influence yet")
         keys = self._keys() if self._tuning() else []
         if not keys:
             return [{} for _ in self.param_groups], None
-
-        all_params = [p for group in self.param_groups for p in group["params"]]
-        stashed = [p.grad for p in all_params]
-        present = [g for g in stashed if g is not None]
-        # Backups only of gradient memory that a backward may rewrite in place (views: see _fd_hvp).
-        copies = iter(clone_all([g for g in present if g._base is not None]))
-        kept = [next(copies) if g is not None and g._base is not None else None for g in stashed]
-        stashed_ptrs = {g.data_ptr() for g in stashed if g is not None}
-        rng = RNGSnapshot().capture()
-        buffers = self._snapshot("hyper")
-        try:
-            for p in all_params:
-                p.grad = None
-            with torch.enable_grad():
-                loss = val_closure()
-            self._check_loss(loss, "val_closure")
-            val_grads = [p.grad for p in all_params]
-            if any(v is not None and v.data_ptr() in stashed_ptrs for v in val_grads):
-                val_grads = [v.clone() if v is not None else None for v in val_grads]
-        finally:
-            for p, grad, backup in zip(all_params, stashed, kept):
-                if grad is not None and p.grad is not None and grad.data_ptr() == p.grad.data_ptr():
-                    if backup is None:
-                        raise RuntimeError(
-                            "OHO: the validation closure wrote its gradient into the memory of the training "
-                            "gradient, which is not a view OHO could have foreseen; please report this setup")
-                    grad.copy_(backup)  # the closure wrote into the kept gradient's memory
-                p.grad = grad
-            rng.restore()
-            if buffers is not None:
-                buffers.restore()
-
-        # per_group[g, j] = < grad L_val restricted to group g, tangent j restricted to group g >
-        n_groups, n_keys = len(self.param_groups), len(keys)
-        contributions: List[List[Tensor]] = [[] for _ in range(n_groups)]
-        grads_by_param = {id(p): gv for p, gv in zip(all_params, val_grads)}
-        for g, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                gv = grads_by_param[id(p)]
-                state = self.state.get(p, {})
-                if gv is None or "tangent_w" not in state:
-                    continue
-                t = state["tangent_w"]
-                contributions[g].append(t.reshape(n_keys, -1) @ gv.reshape(-1).to(t.dtype))
-        ref = next((c[0] for c in contributions if c), None)
-        if ref is None:
-            zero = torch.zeros(n_keys)
-            per_group = [zero for _ in range(n_groups)]
-        else:
-            per_group = [torch.stack(c).sum(0) if c else torch.zeros_like(ref) for c in contributions]
-
-        hyper: List[Dict[str, Tensor]] = [{} for _ in range(n_groups)]
-        for j, (owner, name) in enumerate(keys):
-            if owner is not None:  # exact: the tangent spans every parameter
-                hyper[owner][name] = torch.stack([pg[j] for pg in per_group]).sum()
-            else:  # blockwise: each group reads its own block
-                for g, group in enumerate(self.param_groups):
-                    if name in group["tune"]:
-                        hyper[g][name] = per_group[g][j]
+        params = self._all_params()
+        with ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
+            loss, val_grads = isolation.evaluate(val_closure, "val_closure")
+        hyper = influence.contract(self.param_groups, self.state, keys,
+                                   {id(p): grad for p, grad in zip(params, val_grads)})
         return hyper, loss
 
     @torch.no_grad()
@@ -791,77 +491,47 @@ class OHO(Optimizer):
         r"""Compute the hypergradients (see :meth:`hypergradient`) and apply the meta-update.
 
         Each tuned :math:`\theta` moves to :math:`P(f(\phi - \alpha\,\mathrm{step}(h\,d\theta/d\phi)))`
-        (:mod:`ohotorch.meta`). A non-finite validation loss or hypergradient changes nothing, is counted
-        in ``diagnostics["nonfinite_hypergradients"]`` and warned about. Returns the hypergradients.
+        (:func:`ohotorch.meta.meta_update_`). A non-finite validation loss or hypergradient changes
+        nothing, is counted in ``diagnostics["nonfinite_hypergradients"]`` and warned about. Returns the
+        hypergradients.
         """
         hyper, loss = self._hypergradient(val_closure)
-        flat = [(g, name, h) for g, d in enumerate(hyper) for name, h in d.items()]
+        flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()]
         if not flat:
             return hyper
         device = flat[0][2].device
         loss_sum = torch.as_tensor(loss).detach().double().sum().to(device)
         *values, loss_value = torch.stack([h.detach().double() for _, _, h in flat] + [loss_sum]).tolist()
-        if not (math.isfinite(loss_value) and all(math.isfinite(v) for v in values)):
-            self._oho["nonfinite_hypergradients"] += 1
-            self.diagnostics["nonfinite_hypergradients"] = self._oho["nonfinite_hypergradients"]
+        hypergradients = [(index, name, value) for (index, name, _), value in zip(flat, values)]
+        outcome = meta.meta_update_(self.param_groups, hypergradients, loss_value, self._bookkeeping.meta_state,
+                                    self._meta_config())
+        if outcome == meta.NONFINITE_HYPERGRADIENT:
+            self._bookkeeping.nonfinite_hypergradients += 1
+            self.diagnostics["nonfinite_hypergradients"] = self._bookkeeping.nonfinite_hypergradients
             warnings.warn("OHO: non-finite validation loss or hypergradient; hyperparameters unchanged")
             return hyper
-        proposals = []
-        for (g, name, _), h in zip(flat, values):
-            group = self.param_groups[g]
-            theta = float(group[name])
-            phi = meta.to_meta(name, theta, self.space)
-            grad = h * meta.meta_derivative(name, theta, self.space)
-            lr = self.meta_lr[name]
-            state = self._oho["meta_state"].setdefault(f"{g}/{name}", {})
-            previous = state.get("written", theta)
-            if previous != theta:
-                # Someone else (the user, a scheduler, a checkpoint edit) set this value: the moments
-                # measured at the old scale would freeze or fling it, so the meta-optimizer restarts.
-                state.clear()
-                if name == "lr":
-                    warnings.warn(
-                        f"OHO: the lr of param group {g} was changed from outside since the last hyper_step "
-                        f"({previous} -> {theta}); OHO continues from the new value. If a "
-                        "scheduler (e.g. ReduceLROnPlateau) sets it, tune 'lr_scale' instead of 'lr' so the "
-                        "two do not overwrite each other."
-                    )
-            if self.meta_optimizer == "adam":
-                new_phi = meta.meta_adam_step(phi, grad, state, lr=lr, betas=self.meta_betas, eps=self.meta_eps)
-            else:
-                new_phi = meta.meta_sgd_step(phi, grad, lr=lr)
-            new_theta = meta.project(meta.from_meta(name, new_phi, self.space), self.bounds[name])
-            if lr == 0.0:
-                new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
-            proposals.append((group, name, new_theta, state))
-        if not all(math.isfinite(t) for _, _, t, _ in proposals):
-            self._oho["nonfinite_hypergradients"] += 1
+        if outcome == meta.NONFINITE_RESULT:
+            self._bookkeeping.nonfinite_hypergradients += 1
             warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
             return hyper
-        for group, name, theta, state in proposals:
-            group[name] = theta
-            state["written"] = theta
-        self._oho["hyper_steps"] += 1
+        self._bookkeeping.hyper_steps += 1
         self.diagnostics["val_loss"] = loss_value
         self.diagnostics["hypergradient"] = {
-            f"{self.param_groups[g].get('name', g)}/{name}": v for (g, name, _), v in zip(flat, values)
+            f"{self.param_groups[index].get('name', index)}/{name}": value for index, name, value in hypergradients
         }
         return hyper
 
-    # ------------------------------------------------------------------ misc
-    @staticmethod
-    def _check_loss(loss: Any, what: str) -> None:
-        if loss is None:
-            raise TypeError(f"{what} returned no loss: it must compute the loss, call backward and return it")
-        if not isinstance(loss, (Tensor, float, int)):
-            raise TypeError(f"{what} must return the loss (a Tensor or number), got {type(loss).__name__}")
+    def _meta_config(self) -> meta.MetaConfig:
+        return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
+                               eps=self.meta_eps, space=self.space, bounds=self.bounds)
 
+    # ------------------------------------------------------------------ state
     def _is_state_initialisation(self) -> bool:
         """The distributed-checkpoint idiom: step() with zero grads and lr = 0 to create the state."""
-        if any(self._lr(group) != 0 for group in self.param_groups):
+        if any(effective_lr(group) != 0 for group in self.param_groups):
             return False
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return all(not bool(g.any()) for g in grads)
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        return all(not bool(grad.any()) for grad in grads)
 
     def _initialise_state(self) -> None:
         n_keys = len(self._keys())
@@ -869,39 +539,55 @@ class OHO(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._initialise_inner_state(group, p, self._state_for(p, group, n_keys))
+                self._rule.init_state(group, p, self._state_for(p, group, n_keys))
 
     @property
     def counters(self) -> Dict[str, int]:
         """Steps, hyper-steps, and how often a non-finite value was refused."""
-        return {k: self._oho[k] for k in ("steps", "hyper_steps", "nonfinite_hypergradients",
-                                          "nonfinite_influence")}
+        book = self._bookkeeping
+        return {"steps": book.steps, "hyper_steps": book.hyper_steps,
+                "nonfinite_hypergradients": book.nonfinite_hypergradients,
+                "nonfinite_influence": book.nonfinite_influence}
+
+    @property
+    def _oho(self) -> Dict[str, Any]:
+        """The bookkeeping as saved under ``state_dict()["oho"]`` (a copy; read-only view for tools)."""
+        return self._bookkeeping.to_state()
 
     def state_dict(self) -> Dict[str, Any]:
-        sd = super().state_dict()
-        oho = dict(self._oho)
-        oho["meta_state"] = {k: dict(v) for k, v in self._oho["meta_state"].items()}
-        oho["keys"] = None if self._oho["keys"] is None else [list(k) for k in self._oho["keys"]]
-        sd["oho"] = oho
-        return sd
+        state_dict = super().state_dict()
+        state_dict["oho"] = self._bookkeeping.to_state()
+        return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        oho = state_dict.pop("oho", None)
+        saved_bookkeeping = state_dict.pop("oho", None)
         # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
-        saved_dtypes = {idx: {k: v.dtype for k, v in s.items() if k.startswith("tangent_")}
-                        for idx, s in state_dict.get("state", {}).items()}
+        tangent_dtypes = {idx: {key: t.dtype for key, t in s.items() if key.startswith("tangent_")}
+                          for idx, s in state_dict.get("state", {}).items()}
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for idx, p in zip(saved_ids, params):
-            for k, dtype in saved_dtypes.get(idx, {}).items():
-                if p in self.state and k in self.state[p]:
-                    self.state[p][k] = self.state[p][k].to(dtype)
+        for idx, p in zip(saved_ids, self._all_params()):
+            for state_key, dtype in tangent_dtypes.get(idx, {}).items():
+                if p in self.state and state_key in self.state[p]:
+                    self.state[p][state_key] = self.state[p][state_key].to(dtype)
         for group in self.param_groups:
             group["tune"] = self._canonical_tune(group.get("tune", ()))
-        if oho is not None:
-            restored = dict(oho)
-            restored["meta_state"] = {k: dict(v) for k, v in oho["meta_state"].items()}
-            restored["keys"] = None if oho["keys"] is None else [(k[0], k[1]) for k in oho["keys"]]
-            self._oho = restored
+        if saved_bookkeeping is not None:
+            self._bookkeeping = Bookkeeping.from_state(saved_bookkeeping)
+
+
+def _option_property(name: str) -> property:
+    def get(self: OHO) -> Any:
+        return getattr(self.options, name)
+
+    def set(self: OHO, value: Any) -> None:
+        setattr(self.options, name, value)
+
+    return property(get, set, doc=f"The ``{name}`` option (see :class:`ohotorch.options.Options`).")
+
+
+# The options read as attributes (opt.discount, opt.meta_lr, ...), stored once in opt.options.
+for _name in Options.names():
+    setattr(OHO, _name, _option_property(_name))
+del _name

@@ -1,6 +1,6 @@
 r"""Pure functions: torch.optim.SGD's update and its forward-mode tangents.
 
-Notation (../ALGORITHM.md): ``w`` weights, ``g`` the training gradient at ``w``, ``H`` its Hessian,
+Notation: ``w`` weights, ``g`` the training gradient at ``w``, ``H`` its Hessian,
 ``eta`` lr, ``lam`` weight decay, ``mu`` momentum, ``tau`` dampening. One SGD step is
 
 .. math::

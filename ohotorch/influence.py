@@ -1,0 +1,143 @@
+r"""The influence: layout, norms, scaling and the hypergradient contraction.
+
+Words used throughout the package: a **tangent** is one tensor :math:`\dot w = dw/d\theta` (with its
+companions :math:`\dot b` or :math:`\dot m, \dot v`) for one scalar :math:`\theta`; it is stored per
+parameter in ``optimizer.state[p]["tangent_w"][k]`` (``"tangent_b"``, ``"tangent_m"``, ``"tangent_v"``).
+The **influence** is all of them together: the forward-mode state that says how the weights depend on
+every tuned hyperparameter.
+
+**Layout.** Tangent ``k`` is named by a key ``(owner, name)``: ``owner`` the index of the param group
+whose ``name`` it differentiates (``influence="exact"``: one tangent per (group, tuned name), each
+spanning every parameter), or ``None`` (``"blockwise"``: one tangent per tuned name, each group reading
+its own block). With the greedy horizon (discount 0) no Hessian-vector product couples groups, so both
+modes give the same hypergradients and exact mode takes the cheaper blockwise layout.
+
+**Hypergradient.** With :math:`v = \nabla L_{val}(w)` split by group, the contraction
+:math:`h[g, k] = \langle v_g, \dot w_{k,g}\rangle` gives :math:`\partial L_{val}/\partial\theta =
+\sum_g h[g, k]` for an exact key and :math:`h[g, k]` for group ``g`` of a blockwise key.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import meta
+
+__all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangents", "tangent_tensors",
+           "zero_tangents_", "scale_tangents_", "tangent_norms", "zero_tangent_", "contract"]
+
+TangentKey = Tuple[Optional[int], str]
+
+
+def tangent_keys(param_groups: Sequence[Mapping[str, Any]], *, influence: str, discount: float) -> List[TangentKey]:
+    """The keys of the tangents, in their order along the first axis of ``state["tangent_w"]``."""
+    if influence == "exact" and discount > 0.0:
+        return [(index, name) for index, group in enumerate(param_groups) for name in group["tune"]]
+    names = {name for group in param_groups for name in group["tune"]}
+    return [(None, name) for name in meta.HYPERPARAMETERS if name in names]
+
+
+def key_name(param_groups: Sequence[Mapping[str, Any]], key: TangentKey) -> str:
+    """``"name"`` (blockwise) or ``"group_name/name"`` (exact), as diagnostics report it."""
+    owner, name = key
+    if owner is None:
+        return name
+    return f"{param_groups[owner].get('name', owner)}/{name}"
+
+
+def is_direct(param_groups: Sequence[Mapping[str, Any]], key: TangentKey, group_index: int) -> bool:
+    r"""The indicator :math:`[\theta = x]` of tangent ``key`` on the parameters of group ``group_index``."""
+    owner, name = key
+    return owner == group_index if owner is not None else name in param_groups[group_index]["tune"]
+
+
+def ensure_tangents(state: Dict[str, Any], param: Tensor, n_keys: int, companions: Sequence[str]) -> None:
+    """Create zero tangents (``tangent_w`` and the ``companions``) for ``param`` where missing.
+
+    Tangents are float32 for 16-bit parameters (the influence keeps a float32 accumulation).
+    """
+    if not n_keys:
+        return
+    if "tangent_w" not in state:
+        dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+        state["tangent_w"] = torch.zeros((n_keys, *param.shape), dtype=dtype, device=param.device)
+    for name in companions:
+        if name not in state:
+            state[name] = torch.zeros_like(state["tangent_w"])
+
+
+def tangent_tensors(states: Sequence[Mapping[str, Any]]) -> List[Tensor]:
+    """Every tangent tensor (w' and companions, all keys) of the given per-parameter states."""
+    return [t for s in states for k, t in s.items() if k.startswith("tangent_")]
+
+
+def zero_tangents_(states: Sequence[Mapping[str, Any]]) -> None:
+    """Zero the influence (``zero_``, not ``mul_(0)``: a NaN must not survive)."""
+    tensors = tangent_tensors(states)
+    if tensors:
+        torch._foreach_zero_(tensors)
+
+
+def scale_tangents_(states: Sequence[Mapping[str, Any]], gamma: float) -> None:
+    """Multiply the influence by the discount ``gamma``."""
+    tensors = tangent_tensors(states)
+    if tensors:
+        torch._foreach_mul_(tensors, gamma)
+
+
+def zero_tangent_(states: Sequence[Mapping[str, Any]], index: int) -> None:
+    """Zero tangent ``index`` (w' and its companions) in every state."""
+    for t in tangent_tensors(states):
+        t[index].zero_()
+
+
+def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[List[float], float]:
+    """(``||w'_k||`` for every key, ``||w||``) over ``pairs`` of (parameter, its ``tangent_w``), one sync.
+
+    Norms are taken in the tangents' own dtype (no float64 copy of K x parameters), squared and summed
+    in float64; a float32 norm that overflows (``||w'|| > ~1e19``) reads as non-finite.
+    """
+    if not n_keys or not pairs:
+        return [0.0] * n_keys, 0.0
+    lists = [[t[k] for _, t in pairs] for k in range(n_keys)] + [[p.detach() for p, _ in pairs]]
+    squares = [torch.stack(torch._foreach_norm(ts)).double().pow(2).sum() for ts in lists]
+    *norms, weight_norm = torch.stack(squares).sqrt().tolist()
+    return norms, weight_norm
+
+
+def contract(
+    param_groups: Sequence[Mapping[str, Any]],
+    state: Mapping[Tensor, Mapping[str, Any]],
+    keys: Sequence[TangentKey],
+    val_grads: Mapping[int, Optional[Tensor]],
+) -> List[Dict[str, Tensor]]:
+    """The hypergradients ``[{name: dL_val/dtheta}]`` per group from the validation gradients.
+
+    ``val_grads`` maps ``id(param)`` to its validation gradient (``None``: no contribution).
+    """
+    n_groups, n_keys = len(param_groups), len(keys)
+    contributions: List[List[Tensor]] = [[] for _ in range(n_groups)]
+    for group_index, group in enumerate(param_groups):
+        for p in group["params"]:
+            grad = val_grads.get(id(p))
+            tangents = state.get(p, {}).get("tangent_w")
+            if grad is None or tangents is None:
+                continue
+            contributions[group_index].append(tangents.reshape(n_keys, -1) @ grad.reshape(-1).to(tangents.dtype))
+    reference = next((c[0] for c in contributions if c), None)
+    if reference is None:
+        per_group = [torch.zeros(n_keys) for _ in range(n_groups)]
+    else:
+        per_group = [torch.stack(c).sum(0) if c else torch.zeros_like(reference) for c in contributions]
+
+    hyper: List[Dict[str, Tensor]] = [{} for _ in range(n_groups)]
+    for k, (owner, name) in enumerate(keys):
+        if owner is not None:  # exact: the tangent spans every parameter
+            hyper[owner][name] = torch.stack([values[k] for values in per_group]).sum()
+        else:  # blockwise: each group reads its own block
+            for group_index, group in enumerate(param_groups):
+                if name in group["tune"]:
+                    hyper[group_index][name] = per_group[group_index][k]
+    return hyper

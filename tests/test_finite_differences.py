@@ -1,0 +1,176 @@
+"""ohotorch.finite_differences: the step size, the HVP against autograd, and closure isolation."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ohotorch.finite_differences import (LOW_PRECISION_STEP, BufferSnapshot, ClosureIsolation, check_loss, fd_hvp,
+                                         perturbation_scale, relative_step)
+
+
+def test_relative_step_and_scale():
+    assert relative_step(torch.float64, "forward") == math.sqrt(torch.finfo(torch.float64).eps)
+    assert relative_step(torch.float32, "central") == pytest.approx(torch.finfo(torch.float32).eps ** (1 / 3))
+    assert relative_step(torch.bfloat16, "forward") == LOW_PRECISION_STEP
+    assert perturbation_scale(3.0, 2.0, 0.1) == pytest.approx(0.1 * 4.0 / 2.0)
+
+
+def _setup(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Dropout(dropout), nn.Linear(7, 3)).double()
+    x, y = torch.randn(11, 5, dtype=torch.float64), torch.randn(11, 3, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def loss_fn():
+        return ((model(x) - y) ** 2).mean()
+
+    def closure():
+        for p in params:
+            p.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return model, params, loss_fn, closure
+
+
+@pytest.mark.parametrize("scheme, tolerance", [("forward", 1e-6), ("central", 1e-9)])
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_fd_hvp_matches_autograd_in_float64(scheme, tolerance, foreach):
+    model, params, loss_fn, closure = _setup()
+    model.eval()  # a fixed function of the weights (BatchNorm uses its running statistics)
+    with torch.enable_grad():
+        closure()
+        train_grads = [p.grad for p in params]
+        vs = [torch.randn_like(p) for p in params]
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+        expected = torch.autograd.grad(grads, params, vs)
+    weights_before = [p.detach().clone() for p in params]
+    eps = perturbation_scale(float(torch.cat([p.detach().flatten() for p in params]).norm()),
+                             float(torch.cat([v.flatten() for v in vs]).norm()), relative_step(torch.float64, scheme))
+    with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+        got = fd_hvp(isolation, closure, vs, train_grads, eps=eps, scheme=scheme)
+    scale = max(float(e.abs().max()) for e in expected)
+    for a, b in zip(got, expected):
+        assert float((a - b).abs().max()) < tolerance * scale
+    for p, w, g in zip(params, weights_before, train_grads):
+        assert torch.equal(p, w) and p.grad is g
+
+
+def _user_view(model):
+    """Weights, grads (tensor identity and values), RNG and buffers as the user sees them."""
+    return ([p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            torch.get_rng_state(), [b.clone() for b in model.buffers()])
+
+
+def _assert_same_view(before, after):
+    for a, b in zip(before[0], after[0]):
+        assert torch.equal(a, b)
+    assert all(a is b for a, b in zip(before[1], after[1]))
+    for a, b in zip(before[2], after[2]):
+        assert torch.equal(a, b)
+    assert torch.equal(before[3], after[3])
+    for a, b in zip(before[4], after[4]):
+        assert torch.equal(a, b)
+
+
+class Injected(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [Injected, KeyboardInterrupt])
+@pytest.mark.parametrize("call", [1, 2])
+def test_isolation_restores_everything_on_an_exception(error, call):
+    model, params, _, closure = _setup(dropout=0.3)
+    model.train()
+    with torch.enable_grad():
+        closure()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        loss = closure()
+        if len(calls) == call:
+            raise error("injected")
+        return loss
+
+    vs = [torch.randn_like(p) for p in params]
+    before = _user_view(model)
+    with pytest.raises(error):
+        with torch.no_grad(), ClosureIsolation(params, weights=params,
+                                               buffers=BufferSnapshot(model.buffers())) as isolation:
+            fd_hvp(isolation, failing, vs, [p.grad for p in params], eps=1e-3, scheme="central")
+    assert len(calls) == call
+    _assert_same_view(before, _user_view(model))
+
+
+def test_isolation_restores_after_a_validation_evaluation():
+    model, params, _, closure = _setup(dropout=0.3)
+    model.train()
+    with torch.enable_grad():
+        closure()
+    before = _user_view(model)
+    with torch.no_grad(), ClosureIsolation(params, buffers=BufferSnapshot(model.buffers())) as isolation:
+        loss, grads = isolation.evaluate(closure, "val_closure")
+    assert isinstance(loss, torch.Tensor) and all(g is not None for g in grads)
+    assert all(g is not k for g, k in zip(grads, before[1]))
+    _assert_same_view(before, _user_view(model))
+
+
+def test_replay_gives_every_evaluation_the_same_dropout_and_buffers():
+    from ohotorch.finite_differences import RNGSnapshot
+
+    model, params, _, closure = _setup(dropout=0.5)
+    model.train()
+    rng, buffers = RNGSnapshot().capture(), BufferSnapshot(model.buffers())
+    with torch.enable_grad():
+        closure()
+    first = [p.grad.clone() for p in params]
+    with torch.no_grad(), ClosureIsolation(params, replay=(rng, buffers)) as isolation:
+        _, again = isolation.evaluate(closure, "closure")
+        _, third = isolation.evaluate(closure, "closure")
+    for a, b, c in zip(first, again, third):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_gradient_written_into_a_kept_view_is_restored_and_copied_out():
+    param = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    bucket = torch.arange(8, dtype=torch.float64)
+    param.grad = bucket[:4]  # a view, as DDP's gradient_as_bucket_view makes
+    kept_values = param.grad.clone()
+
+    def closure():  # writes its gradient into the same bucket memory
+        bucket[:4] = 7.0
+        param.grad = bucket[:4]
+        return torch.tensor(1.0)
+
+    with torch.no_grad(), ClosureIsolation([param]) as isolation:
+        _, (grad,) = isolation.evaluate(closure, "closure")
+        assert torch.equal(grad, torch.full((4,), 7.0, dtype=torch.float64))
+    assert torch.equal(param.grad, kept_values) and param.grad.data_ptr() == bucket.data_ptr()
+
+
+def test_gradient_written_into_unforeseen_memory_is_refused():
+    param = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    param.grad = torch.ones(4, dtype=torch.float64)  # not a view: no backup kept
+    grad = param.grad
+
+    def closure():
+        grad.fill_(3.0)
+        param.grad = grad
+        return torch.tensor(1.0)
+
+    with pytest.raises(RuntimeError, match="not a view OHO could have foreseen"):
+        with torch.no_grad(), ClosureIsolation([param]) as isolation:
+            isolation.evaluate(closure, "closure")
+    assert param.grad is grad
+
+
+@pytest.mark.parametrize("loss, match", [(None, "returned no loss"), ("x", "must return the loss")])
+def test_check_loss(loss, match):
+    with pytest.raises(TypeError, match=match):
+        check_loss(loss, "closure")
+    check_loss(torch.tensor(1.0), "closure")
+    check_loss(1.5, "closure")

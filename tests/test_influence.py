@@ -1,0 +1,103 @@
+"""ohotorch.influence: the tangent layout, norms, scaling and the hypergradient contraction."""
+import math
+
+import pytest
+import torch
+
+from ohotorch import influence
+
+
+def _groups():
+    a, b, c = (torch.randn(s, dtype=torch.float64) for s in [(3, 2), (4,), (5,)])
+    return [{"params": [a, b], "tune": ("lr", "weight_decay"), "name": "body"},
+            {"params": [c], "tune": ("lr",)}]
+
+
+def test_layouts():
+    groups = _groups()
+    assert influence.tangent_keys(groups, influence="exact", discount=1.0) == [
+        (0, "lr"), (0, "weight_decay"), (1, "lr")]
+    assert influence.tangent_keys(groups, influence="blockwise", discount=1.0) == [(None, "lr"), (None, "weight_decay")]
+    # The greedy horizon couples no groups: exact takes the blockwise layout.
+    assert influence.tangent_keys(groups, influence="exact", discount=0.0) == [(None, "lr"), (None, "weight_decay")]
+    assert influence.key_name(groups, (0, "lr")) == "body/lr"
+    assert influence.key_name(groups, (1, "lr")) == "1/lr"
+    assert influence.key_name(groups, (None, "weight_decay")) == "weight_decay"
+
+
+def test_is_direct():
+    groups = _groups()
+    assert influence.is_direct(groups, (0, "lr"), 0) and not influence.is_direct(groups, (0, "lr"), 1)
+    assert influence.is_direct(groups, (None, "lr"), 1)
+    assert not influence.is_direct(groups, (None, "weight_decay"), 1)
+
+
+@pytest.mark.parametrize("dtype, tangent_dtype", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+def test_ensure_tangents(dtype, tangent_dtype):
+    p = torch.ones(3, 2, dtype=dtype)
+    state = {}
+    influence.ensure_tangents(state, p, 2, ("tangent_b",))
+    assert state["tangent_w"].shape == (2, 3, 2) and state["tangent_w"].dtype == tangent_dtype
+    assert state["tangent_b"].shape == (2, 3, 2) and not state["tangent_b"].any()
+    kept = state["tangent_w"]
+    influence.ensure_tangents(state, p, 2, ())
+    assert state["tangent_w"] is kept
+    empty = {}
+    influence.ensure_tangents(empty, p, 0, ("tangent_b",))
+    assert empty == {}
+
+
+def test_norms_scale_and_zero():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)]
+    states = [{"tangent_w": torch.randn(2, *p.shape, generator=g, dtype=torch.float64),
+               "tangent_b": torch.randn(2, *p.shape, generator=g, dtype=torch.float64)} for p in params]
+    pairs = [(p, s["tangent_w"]) for p, s in zip(params, states)]
+    norms, weight_norm = influence.tangent_norms(pairs, 2)
+    for k in range(2):
+        expected = math.sqrt(sum(float((s["tangent_w"][k] ** 2).sum()) for s in states))
+        assert norms[k] == pytest.approx(expected, rel=1e-12)
+    assert weight_norm == pytest.approx(math.sqrt(sum(float((p ** 2).sum()) for p in params)), rel=1e-12)
+    assert influence.tangent_norms([], 2) == ([0.0, 0.0], 0.0)
+
+    before = [s["tangent_b"].clone() for s in states]
+    influence.scale_tangents_(states, 0.5)
+    assert all(torch.equal(s["tangent_b"], b * 0.5) for s, b in zip(states, before))
+    states[0]["tangent_w"][1] = float("nan")
+    influence.zero_tangent_(states, 1)
+    assert all(not s[k][1].any() and s[k][0].any() for s in states for k in ("tangent_w", "tangent_b"))
+    states[1]["tangent_b"].fill_(float("nan"))
+    influence.zero_tangents_(states)
+    assert all(not t.any() for t in influence.tangent_tensors(states))
+
+
+@pytest.mark.parametrize("layout", ["exact", "blockwise"])
+def test_contraction_is_the_dot_product_per_group(layout):
+    groups = _groups()
+    keys = influence.tangent_keys(groups, influence=layout, discount=1.0)
+    g = torch.Generator().manual_seed(1)
+    state = {p: {"tangent_w": torch.randn(len(keys), *p.shape, generator=g, dtype=torch.float64)}
+             for group in groups for p in group["params"]}
+    val_grads = {id(p): torch.randn(p.shape, generator=g, dtype=torch.float64)
+                 for group in groups for p in group["params"]}
+    hyper = influence.contract(groups, state, keys, val_grads)
+
+    def dot(params, k):
+        return sum(float((state[p]["tangent_w"][k] * val_grads[id(p)]).sum()) for p in params)
+
+    everything = [p for group in groups for p in group["params"]]
+    for k, (owner, name) in enumerate(keys):
+        if owner is not None:
+            assert float(hyper[owner][name]) == pytest.approx(dot(everything, k), rel=1e-12)
+        else:
+            for index, group in enumerate(groups):
+                if name in group["tune"]:
+                    assert float(hyper[index][name]) == pytest.approx(dot(group["params"], k), rel=1e-12)
+    assert set(hyper[1]) == {"lr"} and set(hyper[0]) == {"lr", "weight_decay"}
+
+
+def test_contraction_without_gradients_is_zero():
+    groups = _groups()
+    keys = influence.tangent_keys(groups, influence="blockwise", discount=1.0)
+    hyper = influence.contract(groups, {}, keys, {})
+    assert float(hyper[0]["lr"]) == 0.0 and float(hyper[1]["lr"]) == 0.0

@@ -1,0 +1,106 @@
+"""ohotorch.meta: the reparameterisation, the scalar meta-optimizers and the whole meta-update policy."""
+import math
+import warnings
+
+import pytest
+
+from ohotorch import meta
+
+CONFIG = meta.MetaConfig(meta_lr={"lr": 0.1, "lr_scale": 0.1, "weight_decay": 0.1, "momentum": 0.1},
+                         optimizer="adam", betas=(0.9, 0.999), eps=1e-15, space="log",
+                         bounds=dict(meta.DEFAULT_BOUNDS))
+
+
+@pytest.mark.parametrize("space", ["log", "raw"])
+@pytest.mark.parametrize("name, theta", [("lr", 0.03), ("lr_scale", 1.0), ("weight_decay", 1e-4), ("momentum", 0.9)])
+def test_map_round_trip_and_derivative(space, name, theta):
+    phi = meta.to_meta(name, theta, space)
+    assert math.isclose(meta.from_meta(name, phi, space), theta, rel_tol=1e-12)
+    h = 1e-6
+    numeric = (meta.from_meta(name, phi + h, space) - meta.from_meta(name, phi - h, space)) / (2 * h)
+    assert math.isclose(meta.meta_derivative(name, theta, space), numeric, rel_tol=1e-6)
+
+
+def test_project_and_sgd_step():
+    assert meta.project(-1.0, (0.0, 1.0)) == 0.0 and meta.project(2.0, (0.0, 1.0)) == 1.0
+    assert meta.project(0.5, (0.0, 1.0)) == 0.5
+    assert meta.meta_sgd_step(1.0, 2.0, lr=0.25) == 0.5
+
+
+def test_adam_step_hand_values():
+    state = {}
+    # First step: m_hat = g, v_hat = g^2, so phi moves by lr * sign(g) (eps = 0).
+    assert meta.meta_adam_step(1.0, -3.0, state, lr=0.1, betas=(0.9, 0.999), eps=0.0) == pytest.approx(1.1)
+    assert state == pytest.approx({"m": -0.3, "v": 0.009, "t": 1.0})
+    phi = meta.meta_adam_step(1.1, 1.0, state, lr=0.1, betas=(0.9, 0.999), eps=0.0)
+    m, v = 0.9 * -0.3 + 0.1, 0.999 * 0.009 + 0.001
+    assert phi == pytest.approx(1.1 - 0.1 * (m / (1 - 0.81)) / math.sqrt(v / (1 - 0.999 ** 2)))
+
+
+def _groups():
+    return [{"lr": 0.1, "weight_decay": 1e-3}, {"lr": 0.2, "weight_decay": 0.0}]
+
+
+def test_update_moves_every_value_and_records_what_it_wrote():
+    groups, state = _groups(), {}
+    outcome = meta.meta_update_(groups, [(0, "lr", 1.0), (1, "weight_decay", -1.0)], 0.5, state, CONFIG)
+    assert outcome == meta.COMMITTED
+    assert groups[0]["lr"] < 0.1 and groups[1]["weight_decay"] > 0.0  # descent on h
+    assert math.isclose(math.log(0.1 + 1e-8) - math.log(groups[0]["lr"] + 1e-8), 0.1, rel_tol=1e-9)  # Adam: lr
+    assert state["0/lr"]["written"] == groups[0]["lr"] and state["0/lr"]["t"] == 1.0
+    assert groups[0]["weight_decay"] == 1e-3 and groups[1]["lr"] == 0.2  # untouched
+
+
+def test_outside_change_restarts_the_meta_state_with_a_warning_for_lr():
+    groups, state = _groups(), {}
+    meta.meta_update_(groups, [(0, "lr", 1.0), (0, "weight_decay", 1.0)], 0.5, state, CONFIG)
+    meta.meta_update_(groups, [(0, "lr", 1.0), (0, "weight_decay", 1.0)], 0.5, state, CONFIG)
+    assert state["0/lr"]["t"] == 2.0
+    groups[0]["lr"] = 0.5
+    groups[0]["weight_decay"] = 0.01
+    with pytest.warns(UserWarning, match="changed from outside") as record:
+        meta.meta_update_(groups, [(0, "lr", 1.0), (0, "weight_decay", 1.0)], 0.5, state, CONFIG)
+    assert len(record) == 1  # lr only
+    assert state["0/lr"]["t"] == 1.0 and state["0/weight_decay"]["t"] == 1.0
+
+
+def test_zero_meta_lr_keeps_values_bit_identical():
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {"lr": 0.0, "weight_decay": 0.0}})
+    groups = [{"lr": 0.1 + 1e-17 * 3, "weight_decay": 3e-4}]
+    before = dict(groups[0])
+    for space in ("log", "raw"):
+        config = meta.MetaConfig(**{**config.__dict__, "space": space})
+        assert meta.meta_update_(groups, [(0, "lr", 5.0), (0, "weight_decay", -2.0)], 1.0, {}, config) == meta.COMMITTED
+        assert groups[0] == before
+
+
+def test_projection_onto_bounds():
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "optimizer": "sgd", "space": "raw",
+                                "bounds": {**meta.DEFAULT_BOUNDS, "lr": (0.05, 0.15)}})
+    groups = [{"lr": 0.1, "momentum": 0.99}]
+    meta.meta_update_(groups, [(0, "lr", -100.0), (0, "momentum", -100.0)], 1.0, {}, config)
+    assert groups[0] == {"lr": 0.15, "momentum": 0.999}
+
+
+@pytest.mark.parametrize("hypergradient, loss, outcome", [
+    (float("nan"), 1.0, meta.NONFINITE_HYPERGRADIENT),
+    (1.0, float("inf"), meta.NONFINITE_HYPERGRADIENT),
+    (-1e308, 1.0, meta.NONFINITE_RESULT),  # raw SGD step overflows to inf
+])
+def test_all_or_nothing(hypergradient, loss, outcome):
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "optimizer": "sgd", "space": "raw",
+                                "meta_lr": {"lr": 10.0, "weight_decay": 0.1}})
+    groups = _groups()
+    state = {"1/weight_decay": {"written": 0.0}}
+    before_groups, before_state = [dict(g) for g in groups], {k: dict(v) for k, v in state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = meta.meta_update_(groups, [(1, "weight_decay", 1.0), (0, "lr", hypergradient)], loss, state, config)
+    assert got == outcome
+    assert groups == before_groups and state == before_state
+
+
+def test_missing_meta_lr_is_refused():
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {"lr": 0.1}})
+    with pytest.raises(ValueError, match="meta_lr has no value for 'weight_decay'"):
+        meta.meta_update_(_groups(), [(0, "weight_decay", 1.0)], 1.0, {}, config)
