@@ -76,9 +76,9 @@ class Data(L.LightningDataModule):
         return self.val
 
 
-def trainer(tmp_path, callbacks, *, max_epochs=1, accumulate=1, logger=False, **kw):
+def trainer(tmp_path, callbacks, *, max_epochs=1, accumulate=1, logger=False, devices=1, **kw):
     return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
+        accelerator="cpu", devices=devices, max_epochs=max_epochs, accumulate_grad_batches=accumulate,
         callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
         default_root_dir=str(tmp_path), **kw)
@@ -261,3 +261,49 @@ def test_import_ohotorch_does_not_import_lightning():
 
     code = "import sys, ohotorch; assert 'lightning' not in sys.modules and 'ohotorch.lightning' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _half_of_the_validation_batch(module, batch):
+    """Each rank takes its share of the validation batch (the whole batch in one process)."""
+    x, y = batch
+    rank, world = module.global_rank, module.trainer.world_size
+    return F.mse_loss(module(x[rank::world]), y[rank::world])
+
+
+class _Record(L.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        torch.save({"group": {k: opt.param_groups[0][k] for k in ("lr", "weight_decay")},
+                    "counters": opt.counters, "weights": [p.detach().clone() for p in pl_module.parameters()]},
+                   f"{self.path}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_agree_and_match_one_process(tmp_path):
+    """2 gloo ranks (CPU), both on the same training batches (no distributed sampler), each taking half of
+    every validation batch: the callback averages the validation gradient over the ranks, so both tune
+    the same values, and those of one process on the whole validation batches (float64, to rounding)."""
+    train, val = data()
+    val_loader = DataLoader(val.dataset, batch_size=2 * BATCH, shuffle=False)
+    runs = {}
+    for name, devices in (("ddp", 2), ("single", 1)):
+        path = tmp_path / name
+        path.mkdir()
+        trainer(path, [OHOCallback(val_loader, loss_fn=_half_of_the_validation_batch), _Record(str(path))],
+                devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                use_distributed_sampler=False).fit(Tiny(), train)
+        runs[name] = [torch.load(path / f"rank{r}.pt") for r in range(devices)]
+    rank0, rank1 = runs["ddp"]
+    (single,) = runs["single"]
+    assert rank0["group"] == rank1["group"] and rank0["counters"] == rank1["counters"] == single["counters"]
+    assert single["counters"]["hyper_steps"] == N_TRAIN // BATCH
+    for a, b in zip(rank0["weights"], rank1["weights"]):
+        assert torch.equal(a, b)
+    initial = make_sgd(net().parameters(), None).param_groups[0]
+    for name in ("lr", "weight_decay"):
+        assert rank0["group"][name] == pytest.approx(single["group"][name], rel=1e-9)
+        assert single["group"][name] != initial[name]
+    for a, b in zip(rank0["weights"], single["weights"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
