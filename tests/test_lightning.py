@@ -6,6 +6,7 @@ the optimizer stepped, with the right validation batches, and that checkpoint re
 """
 import csv
 import math
+import textwrap
 import warnings
 
 import pytest
@@ -307,3 +308,33 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
         assert single["group"][name] != initial[name]
     for a, b in zip(rank0["weights"], single["weights"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+class _CLIModel(Tiny):
+    def __init__(self, lr: float = 0.05):  # LightningCLI reads the signature
+        super().__init__()
+
+
+def test_lightning_cli_config(tmp_path):
+    """The callback from a LightningCLI config file, as docs/porting.md shows it."""
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        trainer:
+          accelerator: cpu
+          max_epochs: 1
+          logger: false
+          enable_progress_bar: false
+          default_root_dir: {tmp_path}
+          callbacks:
+            - class_path: ohotorch.lightning.OHOCallback
+              init_args:
+                every_n_steps: 2
+        """))
+    cli = LightningCLI(_CLIModel, Data, run=False, save_config_callback=None, args=["--config", str(config)])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, OHOCallback)]
+    assert callback.every_n_steps == 2
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.optimizers[0].counters["hyper_steps"] == 4 == callback.hyper_steps  # after steps 1, 3, 5, 7
