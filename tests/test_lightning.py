@@ -338,3 +338,34 @@ def test_lightning_cli_config(tmp_path):
     assert callback.every_n_steps == 2
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.optimizers[0].counters["hyper_steps"] == 4 == callback.hyper_steps  # after steps 1, 3, 5, 7
+
+
+def test_bf16_mixed_precision(tmp_path):
+    """precision="bf16-mixed": the validation loss runs under the Trainer's autocast; OHO is told to expect
+    bf16 gradients (a warning says so when compute_dtype is missing)."""
+    seen = []
+
+    def loss_fn(module, batch):
+        x, y = batch
+        out = module(x.float())
+        seen.append(out.dtype)
+        return F.mse_loss(out.float(), y.float())
+
+    class Float32(Tiny):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.net = self.net.float()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self(x.float()).float(), y.float())
+
+    _, val = data()
+    for compute_dtype in (None, torch.bfloat16):
+        seen.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = Float32(compute_dtype=compute_dtype)
+            trainer(tmp_path, [OHOCallback(val, loss_fn=loss_fn)], precision="bf16-mixed").fit(model, data()[0])
+        assert any("compute_dtype" in str(w.message) for w in caught) == (compute_dtype is None)
+        assert seen == [torch.bfloat16] * 8 and model.trainer.optimizers[0].counters["hyper_steps"] == 8
