@@ -27,7 +27,7 @@ window), then ``backward``, then the ``on_before_optimizer_step`` hooks and grad
   a re-evaluation sees the gradient of this closure alone;
 * *the closure may run several times a step*: with ``discount > 0`` OHO re-evaluates it once per live
   tangent (twice with ``hvp="central"``) for the finite-difference Hessian-vector products, so
-  ``training_step`` and its ``self.log`` calls run 1 + K times a step; the step-level value Lightning
+  ``training_step`` and its ``self.log`` calls run up to 1 + K times a step; the step-level value Lightning
   logs is then the last (perturbed) evaluation's, off by O(finite-difference step); epoch means average
   all of them. Dropout masks and (with ``module=``) BatchNorm statistics are replayed exactly. With the
   greedy default (``discount=0``) the closure runs once, exactly as with torch.optim;
