@@ -8,7 +8,6 @@ import math
 import re
 import textwrap
 import types
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
