@@ -185,13 +185,13 @@ def inner_step(opt: InnerOptimizer, state: State, grads: Sequence[Tensor], hyper
     w = state["w"]
     lrs, wds = hv("lr"), hv("weight_decay")
     if isinstance(opt, SGD):
-        d = [g if _is_zero(wd) else g + wd * p for g, p, wd in zip(grads, w, wds)]
+        d = [g if _is_zero(wd) else _axpy(g, wd, p) for g, p, wd in zip(grads, w, wds)]
         if not opt.has_momentum:
-            return {"w": [p - lr * u for p, u, lr in zip(w, d, lrs)]}
+            return {"w": [_axpy(p, -lr, u) for p, u, lr in zip(w, d, lrs)]}
         mus = hv("momentum")
         b = [mu * bb + dd for bb, dd, mu in zip(state["b"], d, mus)]
-        u = [dd + mu * bb for dd, bb, mu in zip(d, b, mus)] if opt.nesterov else b
-        return {"w": [p - lr * uu for p, uu, lr in zip(w, u, lrs)], "b": b}
+        u = [_axpy(dd, mu, bb) for dd, bb, mu in zip(d, b, mus)] if opt.nesterov else b
+        return {"w": [_axpy(p, -lr, uu) for p, uu, lr in zip(w, u, lrs)], "b": b}
     if isinstance(opt, Adam):
         b1 = value_at(opt.beta1, hypers, t, steps, num_groups)
         b2 = value_at(opt.beta2, hypers, t, steps, num_groups)
@@ -210,6 +210,12 @@ def inner_step(opt: InnerOptimizer, state: State, grads: Sequence[Tensor], hyper
             new_w.append(p - (lr / (1 - c1[g])) * mm / denom)
         return {"w": new_w, "m": m, "v": v, "c": [c1, c2]}
     raise TypeError(f"Unknown inner optimizer {opt!r}; use hypergrad.SGD or hypergrad.Adam")
+
+
+def _axpy(x: Tensor, a: Union[float, Tensor], y: Tensor) -> Tensor:
+    """x + a * y; for a number ``a`` through torch.add(alpha=a), the kernel torch.optim uses (it may fuse
+    the multiply-add), so that constant hyperparameters reproduce torch.optim bit for bit."""
+    return x + a * y if isinstance(a, Tensor) else torch.add(x, y, alpha=a)
 
 
 def _is_zero(value: Union[float, Tensor]) -> bool:
