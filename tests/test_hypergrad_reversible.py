@@ -55,9 +55,12 @@ def test_off_grid_initial_weights_are_rounded_to_the_grid_and_recovered():
         assert torch.equal(a, torch.round(b * 2.0 ** 30) / 2.0 ** 30)
 
 
-def test_exact_reverse_hypergradient_equals_autograd_and_stored_trajectory():
+@pytest.mark.parametrize("schedule", [False, True])
+def test_exact_reverse_hypergradient_equals_autograd_and_stored_trajectory(schedule):
     problem = Problem(steps=8)
     hypers = problem.hypers()  # mu = 0.875 is on the momentum grid: the oracle sees the same momentum
+    if schedule:  # momentum per step and per group, every value on the grid
+        hypers["mu"] = torch.tensor([[0.5, 0.75], [0.875, 0.9375]] * 4, dtype=DT)
     expected = oracle(problem, hypers, "momentum", init_scaled=True)
     opt = SGD(lr="lr", momentum="mu", weight_decay="wd")
     init = lambda h: [h["scale"][i] * p for i, p in enumerate(problem.w0)]

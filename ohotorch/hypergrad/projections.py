@@ -18,7 +18,7 @@ O(m) memory, applied to the flattened tensor):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -105,7 +105,7 @@ class ProjectedAdam:
     A non-finite hypergradient leaves every hyperparameter unchanged and raises ``FloatingPointError``.
     """
 
-    lr: object = 1e-2
+    lr: Union[float, Mapping[str, float]] = 1e-2
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     projections: Dict[str, Projection] = field(default_factory=dict)

@@ -45,7 +45,7 @@ from .inner import SGD, InnerOptimizer, replace, value_at
 from .unrolled import Hypergradient, Init, TrainLoss, ValLoss, _detach, _make_step, _nbytes, _prepare
 
 __all__ = ["FixedPoint", "ReversibleSGDRun", "exact_multiply_", "exact_divide_", "reversible_sgd_forward",
-           "reversible_sgd_backward", "exact_reverse_hypergradient"]
+           "reversible_sgd_backward_", "exact_reverse_hypergradient"]
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def reversible_sgd_forward(train_loss: TrainLoss, w0: Sequence[Tensor], hypers: 
                             fixed=fixed)
 
 
-def reversible_sgd_backward(run: ReversibleSGDRun, train_loss: TrainLoss, hypers: Mapping[str, Tensor],
+def reversible_sgd_backward_(run: ReversibleSGDRun, train_loss: TrainLoss, hypers: Mapping[str, Tensor],
                             optimizer: SGD, steps: int, *, groups: Sequence[int], num_groups: int, dtype: torch.dtype):
     """Undo the run one step at a time: yields (t, w_t, b_t) as fixed-point tensors for t = T-1 ... 0.
 
@@ -251,7 +251,7 @@ def exact_reverse_hypergradient(train_loss: TrainLoss, val_loss: ValLoss, init: 
     hyper_grads = {k: v.detach() for k, v in hyper_grads.items()}
     adjoint = {"w": list(grad_w), "b": [torch.zeros_like(x) for x in b_T]}
     step = _make_step(train_loss, opt, steps, groups, num_groups)
-    for t, wq, bq in reversible_sgd_backward(run, train_loss, hypers, opt, steps, groups=groups,
+    for t, wq, bq in reversible_sgd_backward_(run, train_loss, hypers, opt, steps, groups=groups,
                                              num_groups=num_groups, dtype=dtype):
         s_t = {"w": [fixed.to_float(q, dtype) for q in wq], "b": [fixed.to_float(q, dtype) for q in bq]}
         _, step_vjp = torch.func.vjp(lambda s, h: step(s, h, t), s_t, hypers)

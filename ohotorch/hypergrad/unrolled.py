@@ -145,7 +145,8 @@ def reverse_hypergradient(train_loss: TrainLoss, val_loss: ValLoss, init: Init, 
 
     ``truncate=k`` (1 <= k <= steps) differentiates only the last k steps and stores only their states.
     Time: T gradients forward, then k (gradient + HVP) backward. Memory: k optimiser states (reported in
-    ``memory_bytes``), independent of the number of hyperparameters.
+    ``memory_bytes``), independent of the number of hyperparameters. With the full horizon,
+    ``info["grad_init"]`` is dL_val/dw_0 (the adjoint of the initial weights).
     """
     hypers, w0, groups, num_groups = _prepare(train_loss, init, hypers, optimizer, steps, groups)
     if truncate is None:
