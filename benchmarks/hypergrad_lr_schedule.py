@@ -10,8 +10,13 @@ with the same training budget (T steps, the same batches) and selected on the sa
   loss (through the exact reversal of SGD with momentum by default: ``--method exact``, or the stored
   trajectory: ``--method reverse``).
 
-Reported: validation and test loss / accuracy after training, also for a second batch order the
-schedule was not tuned on (``test_*_other_order``).
+With ``resample_orders`` (the default) every outer step draws a new batch order, so that the schedule
+cannot fit the noise of one sequence of minibatches; the evaluation orders are never used for tuning.
+With ``--resample-orders false`` it tunes on the evaluation order itself (Maclaurin et al.'s setting),
+which fits that order's minibatches and the validation set (compare ``test_*_other_order``).
+
+Reported: validation and test loss / accuracy after training on the evaluation batch order, and on a
+second order (``*_other_order``).
 
     python benchmarks/hypergrad_lr_schedule.py              # benchmarks/results/hypergrad/hypergrad_lr_schedule.json
     python benchmarks/hypergrad_lr_schedule.py --quick true
@@ -38,7 +43,7 @@ from ohotorch import hypergrad  # noqa: E402
 class Config(hc.BaseConfig):
     widths: Tuple[int, ...] = (64, 50, 50, 10)
     n_train: int = 1000
-    n_val: int = 300
+    n_val: int = 400
     batch_size: int = 50
     steps: int = 100  # T
     momentum: float = 0.875  # on the exact reversal's momentum grid
@@ -46,6 +51,7 @@ class Config(hc.BaseConfig):
     outer_steps: int = 40
     outer_lr: float = 0.05  # Adam step on log lr
     method: str = "exact"  # exact | reverse
+    resample_orders: bool = True  # a new batch order at every outer step (else always the evaluation order)
 
     PRESETS = {"quick": {"widths": (64, 8, 10), "n_train": 200, "n_val": 50, "steps": 6, "outer_steps": 2,
                          "lr_grid": (0.1, 0.5)}}
@@ -112,7 +118,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     best = {kind: min(rows, key=lambda r: r["val_loss"]) for kind, rows in grid.items()}
     print({k: (v["lr"], round(v["val_loss"], 4)) for k, v in best.items()}, flush=True)
 
-    train_loss = p["train_loss_for"](p["batches"](cfg.seed))
     opt = hypergrad.SGD(lr="lr", momentum=cfg.momentum)
     log_lr = torch.log(schedule("constant", best["constant"]["lr"]))
     cap = math.log(2 * max(cfg.lr_grid))  # log lr stays below twice the largest grid value
@@ -120,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     compute = hypergrad.exact_reverse_hypergradient if cfg.method == "exact" else hypergrad.reverse_hypergradient
     curve, memory, recovered = [], None, []
     for k in range(cfg.outer_steps):
+        train_loss = p["train_loss_for"](p["batches"](cfg.seed + 1 + k if cfg.resample_orders else cfg.seed))
         try:
             res = compute(train_loss, p["val_loss"], p["w0"], {"lr": log_lr.exp()}, opt, T, groups=p["groups"])
         except OverflowError as err:  # the weights left the fixed-point range: keep the last schedule
