@@ -5,7 +5,8 @@ with the same training budget (T steps, the same batches) and selected on the sa
 
 * constant: the best lr of a grid;
 * cosine: lr_t = peak (1 + cos(pi t / T)) / 2, the best peak of the same grid;
-* learned: one lr per layer and per step (a (T, layers) tensor, T * layers hyperparameters) from the best
+* learned: one lr per layer and per step (a (T, layers) tensor, T * layers hyperparameters; or per block
+  of ``block`` steps, T / block * layers hyperparameters) from the best
   constant, ``outer_steps`` Adam steps on log lr with reverse-mode hypergradients of the final validation
   loss (through the exact reversal of SGD with momentum by default: ``--method exact``, or the stored
   trajectory: ``--method reverse``).
@@ -51,12 +52,15 @@ class Config(hc.BaseConfig):
     outer_steps: int = 40
     outer_lr: float = 0.05  # Adam step on log lr
     method: str = "exact"  # exact | reverse
+    block: int = 1  # steps sharing one learned lr per layer (1: per iteration; 10: T/10 values per layer)
     resample_orders: bool = True  # a new batch order at every outer step (else always the evaluation order)
 
     PRESETS = {"quick": {"widths": (64, 8, 10), "n_train": 200, "n_val": 50, "steps": 6, "outer_steps": 2,
                          "lr_grid": (0.1, 0.5)}}
 
     def __post_init__(self) -> None:
+        if self.block < 1 or self.steps % self.block:
+            raise ValueError(f"Invalid block: {self.block} (must divide steps = {self.steps})")
         if self.method not in ("exact", "reverse"):
             raise ValueError(f"Unknown method {self.method!r} (exact or reverse)")
 
@@ -119,7 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print({k: (v["lr"], round(v["val_loss"], 4)) for k, v in best.items()}, flush=True)
 
     opt = hypergrad.SGD(lr="lr", momentum=cfg.momentum)
-    log_lr = torch.log(schedule("constant", best["constant"]["lr"]))
+    # the learned parameters: log lr per layer and per block of ``block`` steps, expanded to (T, layers)
+    log_lr = torch.log(schedule("constant", best["constant"]["lr"]))[:: cfg.block].clone()
+    expand = lambda v: v.repeat_interleave(cfg.block, 0)
     cap = math.log(2 * max(cfg.lr_grid))  # log lr stays below twice the largest grid value
     outer = hypergrad.ProjectedAdam(lr=cfg.outer_lr, projections={"log_lr": lambda v: hypergrad.project_box(v, hi=cap)})
     compute = hypergrad.exact_reverse_hypergradient if cfg.method == "exact" else hypergrad.reverse_hypergradient
@@ -127,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for k in range(cfg.outer_steps):
         train_loss = p["train_loss_for"](p["batches"](cfg.seed + 1 + k if cfg.resample_orders else cfg.seed))
         try:
-            res = compute(train_loss, p["val_loss"], p["w0"], {"lr": log_lr.exp()}, opt, T, groups=p["groups"])
+            res = compute(train_loss, p["val_loss"], p["w0"], {"lr": expand(log_lr).exp()}, opt, T,
+                          groups=p["groups"])
         except OverflowError as err:  # the weights left the fixed-point range: keep the last schedule
             print(f"outer step {k}: stopped ({err})")
             break
@@ -137,13 +144,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                                         if cfg.method == "exact" else {})}
         if cfg.method == "exact":
             recovered.append(bool(res.info["recovered_initial"]))
-        log_lr = outer.step({"log_lr": log_lr}, {"log_lr": res.grads["lr"] * log_lr.exp()})["log_lr"]
+        # chain rule: d/d log lr_block = sum over the block's steps of lr_t * d/d lr_t
+        g_log = (res.grads["lr"] * expand(log_lr).exp()).reshape(-1, cfg.block, layers).sum(1)
+        log_lr = outer.step({"log_lr": log_lr}, {"log_lr": g_log})["log_lr"]
         if k % 5 == 0:
             print(f"outer step {k}: val loss {curve[-1]:.4f}", flush=True)
-    learned = dict(train_eval(cfg, p, log_lr.exp()), val_curve=curve, schedule=log_lr.exp().tolist(),
+    learned = dict(train_eval(cfg, p, expand(log_lr).exp()), val_curve=curve, schedule=expand(log_lr).exp().tolist(),
                    hypergradient_memory=memory, all_reversals_exact=all(recovered) if recovered else None)
     payload.update(grid=grid, best_constant=best["constant"], best_cosine=best["cosine"], learned=learned,
-                   n_hyperparameters=T * layers)
+                   n_hyperparameters=int(log_lr.numel()))
     rows = [dict(method=m, **{k: v for k, v in r.items() if isinstance(v, float)})
             for m, r in (("constant", best["constant"]), ("cosine", best["cosine"]), ("learned", learned))]
     print(common.format_table(rows, [("method", "schedule", "s"), ("val_loss", "val loss", ".4f"),
@@ -179,7 +188,7 @@ def plot(payload: dict, path) -> None:
     axes[1].set_ylabel("validation loss after T steps")
     axes[1].legend(fontsize=8)
     cfg = payload["config"]
-    fig.suptitle(f"learned lr schedule per layer and step, MLP {cfg['widths']}, T = {cfg['steps']}, "
+    fig.suptitle(f"learned lr per layer and per {cfg.get('block', 1)} step(s), MLP {cfg['widths']}, T = {cfg['steps']}, "
                  f"{cfg['method']} hypergradients, {payload['environment']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,7 +6,7 @@ torch.autograd.grad of the validation loss. Nothing here imports the module unde
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
