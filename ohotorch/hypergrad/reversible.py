@@ -71,7 +71,13 @@ class FixedPoint:
 
 
 def _digits(array: np.ndarray) -> np.ndarray:
+    """int64 array -> array of Python ints (arbitrary precision)."""
     return array.astype(object)
+
+
+def _from_digits(c: np.ndarray, like: Tensor) -> Tensor:
+    """Python-int array -> int64 tensor shaped and placed like ``like`` (OverflowError if out of range)."""
+    return torch.from_numpy(np.asarray(c, dtype=np.int64).reshape(tuple(like.shape))).to(like.device)
 
 
 def exact_multiply_(c: np.ndarray, buffer: np.ndarray, numerator: int, denominator: int) -> np.ndarray:
@@ -188,8 +194,8 @@ def reversible_sgd_forward(train_loss: TrainLoss, w0: Sequence[Tensor], hypers: 
         d = _directions(train_loss, optimizer, [fixed.to_float(q, dtype) for q in w], hypers, t, steps, groups,
                         num_groups, fixed)
         for j in range(len(w)):
-            c = exact_multiply_(_digits(b[j].numpy()), buffers[j], numerators[t][j], denominator)
-            b[j] = torch.from_numpy(np.asarray(c, dtype=np.int64).reshape(tuple(b[j].shape))) + d[j]
+            c = exact_multiply_(_digits(b[j].cpu().numpy()), buffers[j], numerators[t][j], denominator)
+            b[j] = _from_digits(c, b[j]) + d[j]
         moves = _lr_steps(optimizer, b, hypers, t, steps, groups, num_groups, fixed)
         w = [q - m for q, m in zip(w, moves)]
     return ReversibleSGDRun(w=w, b=b, buffers=buffers, w0=start, numerators=numerators, denominator=denominator,
@@ -209,8 +215,9 @@ def reversible_sgd_backward_(run: ReversibleSGDRun, train_loss: TrainLoss, hyper
         d = _directions(train_loss, optimizer, [fixed.to_float(q, dtype) for q in w], hypers, t, steps, groups,
                         num_groups, fixed)
         for j in range(len(w)):
-            c = exact_divide_(_digits((b[j] - d[j]).numpy()), run.buffers[j], run.numerators[t][j], run.denominator)
-            b[j] = torch.from_numpy(np.asarray(c, dtype=np.int64).reshape(tuple(b[j].shape)))
+            c = exact_divide_(_digits((b[j] - d[j]).cpu().numpy()), run.buffers[j], run.numerators[t][j],
+                              run.denominator)
+            b[j] = _from_digits(c, b[j])
         run.w, run.b = w, b
         yield t, w, b
 

@@ -204,7 +204,7 @@ def forward_hypergradient(train_loss: TrainLoss, val_loss: ValLoss, init: Init, 
 
     def unit(name: str, i: int) -> Dict[str, Tensor]:
         out = {k: torch.zeros_like(v) for k, v in hypers.items()}
-        out[name] = out[name].reshape(-1).index_fill(0, torch.tensor([i]), 1.0).reshape(hypers[name].shape)
+        out[name] = out[name].reshape(-1).index_fill(0, torch.tensor([i], device=out[name].device), 1.0).reshape(hypers[name].shape)
         return out
 
     t0 = time.perf_counter()
