@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +90,12 @@ def header(cfg: Any, script: str) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     return {"kind": script, "synthetic": False, "dataset": "sklearn digits (8x8, 1797 images)",
             "config": dataclasses.asdict(cfg), "environment": common.environment(torch.device("cpu")),
-            "started": time.time()}
+            "load_average_at_start": list(os.getloadavg()), "started": time.time()}
 
 
 def write(payload: Dict[str, Any], cfg: Any, script: str) -> Path:
     payload["seconds"] = time.time() - payload.pop("started")
+    payload["load_average_at_end"] = list(os.getloadavg())  # other work on the machine slows wall-clock times
     path = Path(cfg.out) if cfg.out else RESULTS / f"{script}.json"
     common.write_results(payload, path)
     print(f"wrote {path}")
