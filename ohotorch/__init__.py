@@ -7,8 +7,11 @@ hypergradients of a validation loss.
 from __future__ import annotations
 
 from .adam import OHOAdam, OHOAdamW
+from . import hypergrad
 from .groups import cycle, grouped, layerwise
+from .hypergrad import exact_reverse_hypergradient, forward_hypergradient, reverse_hypergradient
 from .optimizer import OHO
 
-__all__ = ["OHO", "OHOAdam", "OHOAdamW", "layerwise", "grouped", "cycle", "__version__"]
+__all__ = ["OHO", "OHOAdam", "OHOAdamW", "layerwise", "grouped", "cycle", "hypergrad", "reverse_hypergradient",
+           "forward_hypergradient", "exact_reverse_hypergradient", "__version__"]
 __version__ = "0.1.0"
