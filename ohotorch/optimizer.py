@@ -34,10 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import influence, meta
+from . import hyper_groups, influence, meta
+from .compat import check_torch_arguments
 from .finite_differences import (BufferSnapshot, ClosureIsolation, RNGSnapshot, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
+from .hyper_groups import DEFAULT_TUNE, DefaultTune
 from .options import Options, canonical_tune
 from .rules import Rule, SGDRule, effective_lr
 
@@ -187,10 +189,13 @@ class OHO(Optimizer):
         lr: float = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
-        nesterov: bool = False,
         weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
-        tune: Iterable[str] = ("lr", "weight_decay"),
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        tune: Iterable[str] = DEFAULT_TUNE,
         meta_lr: Union[None, float, Mapping[str, float]] = Options.meta_lr,
         meta_optimizer: str = Options.meta_optimizer,
         meta_betas: Tuple[float, float] = Options.meta_betas,
@@ -206,8 +211,9 @@ class OHO(Optimizer):
         module: Optional[nn.Module] = Options.module,
         foreach: Optional[bool] = Options.foreach,
     ) -> None:
+        check_torch_arguments(type(self).__name__, maximize=maximize, differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay, tune=self._canonical_tune(tune))
+                        weight_decay=weight_decay, tune=self._default_tune(tune))
         options = Options(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
@@ -227,6 +233,11 @@ class OHO(Optimizer):
     def _canonical_tune(cls, tune: Any) -> Tuple[str, ...]:
         return canonical_tune(tune, cls.TUNABLE)
 
+    @classmethod
+    def _default_tune(cls, tune: Any) -> Tuple[str, ...]:
+        """The constructor's ``tune`` as the groups' default; the default itself stays recognisable."""
+        return tune if isinstance(tune, DefaultTune) else cls._canonical_tune(tune)
+
     def _check_group(self, group: Dict[str, Any]) -> None:
         group["tune"] = self._canonical_tune(group["tune"])
         self._rule.check_group(group)
@@ -234,10 +245,16 @@ class OHO(Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if self._bookkeeping.keys is not None:
-            raise ValueError("OHO.add_param_group after the first step is not supported: the influence "
-                             "tensors are laid out for the groups present at the first step")
+            raise ValueError(f"{type(self).__name__}.add_param_group after the first step is not supported: the "
+                             "influence tensors are laid out for the groups present at the first step")
+        zero_weight_decay_asked = hyper_groups.asks_zero_weight_decay(param_group, self.defaults.get("tune"))
         super().add_param_group(param_group)
+        if not zero_weight_decay_asked:
+            hyper_groups.drop_zero_weight_decay_(self.param_groups[-1])
         self._check_group(self.param_groups[-1])
+        hyper_groups.check_label(self.param_groups[-1])
+        hyper_groups.check_shared_values(self.param_groups)
+        hyper_groups.refresh_effective_lr_(self.param_groups[-1:])
         for p in self.param_groups[-1]["params"]:
             if _is_sharded(p):
                 raise TypeError(
@@ -258,10 +275,10 @@ class OHO(Optimizer):
             self.__dict__.pop("grad_scale", None)  # GradScaler deletes them only when step returns
             self.__dict__.pop("found_inf", None)
             raise RuntimeError(
-                "OHO cannot run under torch.amp.GradScaler (fp16 loss scaling): every OHO step re-evaluates "
-                "the closure, which GradScaler can neither scale nor check for infs (it refuses closures). "
-                "Train in bf16 instead: torch.autocast(device_type, dtype=torch.bfloat16) inside the closures "
-                "needs no loss scaling; pass compute_dtype=torch.bfloat16 to OHO."
+                f"{type(self).__name__} cannot run under torch.amp.GradScaler (fp16 loss scaling): every OHO "
+                "step re-evaluates the closure, which GradScaler can neither scale nor check for infs (it refuses "
+                "closures). Train in bf16 instead: torch.autocast(device_type, dtype=torch.bfloat16) inside the "
+                f"closures needs no loss scaling; pass compute_dtype=torch.bfloat16 to {type(self).__name__}."
             )
 
     def _check_no_scheduler_on_tuned_lr(self) -> None:
@@ -328,10 +345,12 @@ class OHO(Optimizer):
                 self._initialise_state()
                 return None
             raise TypeError(
-                "OHO.step() needs a closure while hyperparameters are tuned: the Hessian-vector products "
-                "re-evaluate the training loss on the same batch (or pass tune=() for plain SGD)"
+                f"{type(self).__name__}.step() needs a closure while hyperparameters are tuned: the "
+                "Hessian-vector products re-evaluate the training loss on the same batch (or pass tune=() to "
+                "tune nothing)"
             )
         keys = self._keys() if tuning else []
+        self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
 
         # (1) The influence before this step: discounted, or restarting from zero.
         norms: List[float] = [0.0] * len(keys)
@@ -366,7 +385,7 @@ class OHO(Optimizer):
                 continue
             for p in params:
                 if p.grad.is_sparse:
-                    raise RuntimeError("OHO does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             states = [self._state_for(p, group, len(keys)) for p in params]
             works.append(self._rule.prepare(group, params, states, foreach))
 
@@ -484,7 +503,7 @@ class OHO(Optimizer):
             loss, val_grads = isolation.evaluate(val_closure, "val_closure")
         hyper = influence.contract(self.param_groups, self.state, keys,
                                    {id(p): grad for p, grad in zip(params, val_grads)})
-        return hyper, loss
+        return hyper_groups.pool_hypergradients(self.param_groups, keys, hyper), loss
 
     @torch.no_grad()
     def hyper_step(self, val_closure: Closure) -> List[Dict[str, Tensor]]:
@@ -496,7 +515,9 @@ class OHO(Optimizer):
         hypergradients.
         """
         hyper, loss = self._hypergradient(val_closure)
-        flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()]
+        owners = hyper_groups.leaders(self.param_groups)  # one meta-update per hyper variable
+        flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()
+                if owners[index][name] == index]
         if not flat:
             return hyper
         device = flat[0][2].device
@@ -514,10 +535,12 @@ class OHO(Optimizer):
             self._bookkeeping.nonfinite_hypergradients += 1
             warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
             return hyper
+        hyper_groups.broadcast_shared_(self.param_groups)
+        self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
         self._bookkeeping.hyper_steps += 1
         self.diagnostics["val_loss"] = loss_value
         self.diagnostics["hypergradient"] = {
-            f"{self.param_groups[index].get('name', index)}/{name}": value for index, name, value in hypergradients
+            hyper_groups.variable_name(self.param_groups, index, name): value for index, name, value in hypergradients
         }
         return hyper
 
@@ -573,6 +596,7 @@ class OHO(Optimizer):
                     self.state[p][state_key] = self.state[p][state_key].to(dtype)
         for group in self.param_groups:
             group["tune"] = self._canonical_tune(group.get("tune", ()))
+        hyper_groups.refresh_effective_lr_(self.param_groups)
         if saved_bookkeeping is not None:
             self._bookkeeping = Bookkeeping.from_state(saved_bookkeeping)
 
