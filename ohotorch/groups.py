@@ -1,9 +1,12 @@
 """Hyper groups built from a model, and a validation-loader helper.
 
-A hyper group is simply a torch param group: every param group of :class:`ohotorch.OHO` carries its own
-lr / weight decay / momentum and its own ``tune`` set. The paper's three granularities:
+A hyper group is the set of param groups that share one value of each tuned hyperparameter. Every param
+group of :class:`ohotorch.OHO` carries its own lr / weight decay / momentum and its own ``tune`` set, and
+is its own hyper group unless it carries a ``"hyper_group"`` label: param groups with the same label
+share one tuned value per name (:mod:`ohotorch.hyper_groups`). The paper's three granularities:
 
-* global: ``OHO(model.parameters(), ...)`` - one group, one set of hyperparameters;
+* global: ``OHO(model.parameters(), ...)`` - one group, one set of hyperparameters; over param groups
+  that must stay apart (a decay / no-decay split), ``OHO(ohotorch.share(groups), ...)``;
 * layerwise: ``OHO(ohotorch.layerwise(model), ...)`` - one group per module that owns parameters
   (a layer's weight and bias share one set);
 * ``OHO(ohotorch.grouped(model, k), ...)`` - k contiguous runs of layers, in module order, as even as
@@ -12,11 +15,13 @@ lr / weight decay / momentum and its own ``tune`` set. The paper's three granula
 from __future__ import annotations
 
 from collections import abc
-from typing import Any, Dict, Iterable, Iterator, List, TypeVar
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, TypeVar
 
 from torch import nn
 
-__all__ = ["layerwise", "grouped", "cycle"]
+from .hyper_groups import HYPER_GROUP
+
+__all__ = ["layerwise", "grouped", "share", "cycle"]
 
 T = TypeVar("T")
 
@@ -61,6 +66,29 @@ def grouped(model: nn.Module, k: int, **group_options: Any) -> List[Dict[str, An
         name = run[0]["name"] if len(run) == 1 else f"{run[0]['name']}..{run[-1]['name']}"
         groups.append({"params": [p for g in run for p in g["params"]], "name": name, **group_options})
         start = stop
+    return groups
+
+
+def share(param_groups: Iterable[Mapping[str, Any]], hyper_group: Hashable = "global") -> List[Dict[str, Any]]:
+    """Copies of ``param_groups`` in one hyper group: one tuned value of each name over all of them.
+
+    The global preset over param groups that differ in what they do not tune, such as nanoGPT's decay /
+    no-decay split (one lr, one weight decay tuned where it is not 0)::
+
+        groups = [dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0)]
+        opt = ohotorch.OHOAdamW(ohotorch.share(groups), lr=6e-4, tune=("lr_scale", "weight_decay"))
+
+    Each group becomes ``{**group, "hyper_group": hyper_group}``. The groups that tune a name must start
+    from the same value of it (the optimizer refuses them otherwise). For one hyper group per layer
+    over such a split, give each layer's groups the layer's label instead (``hyper_group=name``).
+    """
+    groups = []
+    for group in param_groups:
+        if not isinstance(group, Mapping):
+            raise TypeError(f"share: expected param groups (dicts with 'params'), got {type(group).__name__}")
+        groups.append({**group, HYPER_GROUP: hyper_group})
+    if not groups:
+        raise ValueError("share: no param groups")
     return groups
 
 

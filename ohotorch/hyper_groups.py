@@ -13,8 +13,9 @@ member, and
 
 .. math:: \frac{\partial L_{val}}{\partial \theta} = \sum_{g \in \text{members}} \langle \nabla_{w_g} L_{val}, \dot w_g \rangle,
 
-the whole contraction of that tangent (exact layout) or the sum of the members' blocks (blockwise
-layout; exact when every tuned group is in one hyper group, and with the greedy horizon).
+the whole contraction of that tangent (exact layout). The blockwise layout reads the block of the
+hyper group, every param group with its label (the approximation drops the influence on other hyper
+groups' parameters: exact when there is one hyper group, and with the greedy horizon).
 
 Param groups differ in everything they do not share: a nanoGPT decay / no-decay split is two param
 groups in one hyper group, one tuned lr over both and a weight decay tuned only where it is not 0::
@@ -38,11 +39,12 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any, Dict, List, MutableMapping, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 __all__ = ["HYPER_GROUP", "EFFECTIVE_LR", "DefaultTune", "DEFAULT_TUNE", "label", "leaders", "members",
            "is_leader", "variable_name", "check_label", "check_shared_values", "asks_zero_weight_decay",
-           "drop_zero_weight_decay_", "pool_hypergradients", "broadcast_shared_", "refresh_effective_lr_"]
+           "drop_zero_weight_decay_", "read_out", "broadcast_shared_", "refresh_effective_lr_"]
 
 HYPER_GROUP = "hyper_group"
 EFFECTIVE_LR = "effective_lr"
@@ -121,26 +123,34 @@ def check_shared_values(param_groups: Sequence[Group]) -> None:
                 )
 
 
-def pool_hypergradients(param_groups: Sequence[Group], keys: Sequence[Tuple[Any, str]],
-                        hyper: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
-    """Give every member of a shared hyper variable its hypergradient (in place; returns ``hyper``).
+def read_out(param_groups: Sequence[Group], keys: Sequence[Tuple[Any, str]],
+             per_group: Sequence[Tensor]) -> List[Dict[str, Tensor]]:
+    """The hypergradients ``[{name: dL_val/dtheta}]`` per param group from the contraction ``per_group``.
 
-    ``hyper`` is :func:`ohotorch.influence.contract`'s result. An exact key ``(leader, name)`` already
-    holds the whole contraction at the leader; a blockwise key ``(None, name)`` holds one block per
-    group, summed over the members.
+    ``per_group[g][k]`` is :math:`\\langle v_g, \\dot w_{k,g}\\rangle` (see :mod:`ohotorch.influence`). An exact
+    key ``(leader, name)`` reads the sum over every group; a blockwise key ``(None, name)`` reads, for each
+    hyper variable of that name, the block of its hyper group (the sum over the param groups with its
+    label, or its own group). Every member of a hyper variable reports its value.
     """
-    if not _shares(param_groups):
-        return hyper
-    exact = {key for key in keys if key[0] is not None}
-    for (leader, name), group_indices in members(param_groups).items():
-        if len(group_indices) < 2:
+    hyper: List[Dict[str, Tensor]] = [{} for _ in param_groups]
+    variables = members(param_groups)
+    blocks: Dict[Hashable, List[int]] = {}
+    for index, group in enumerate(param_groups):
+        blocks.setdefault(label(group, index), []).append(index)
+    for k, (owner, name) in enumerate(keys):
+        if owner is not None:  # exact: the tangent spans every parameter
+            total = torch.stack([values[k] for values in per_group]).sum()
+            for index in variables[(owner, name)]:
+                hyper[index][name] = total
             continue
-        if (leader, name) in exact:
-            value = hyper[leader][name]
-        else:
-            value = sum((hyper[index][name] for index in group_indices[1:]), hyper[leader][name])
-        for index in group_indices:
-            hyper[index][name] = value
+        for (leader, variable_name_), group_indices in variables.items():  # blockwise
+            if variable_name_ != name:
+                continue
+            block = blocks[label(param_groups[leader], leader)]
+            value = (per_group[leader][k] if len(block) == 1
+                     else torch.stack([per_group[index][k] for index in block]).sum())
+            for index in group_indices:
+                hyper[index][name] = value
     return hyper
 
 

@@ -15,7 +15,8 @@ modes give the same hypergradients and exact mode takes the cheaper blockwise la
 
 **Hypergradient.** With :math:`v = \nabla L_{val}(w)` split by group, the contraction
 :math:`h[g, k] = \langle v_g, \dot w_{k,g}\rangle` gives :math:`\partial L_{val}/\partial\theta =
-\sum_g h[g, k]` for an exact key and :math:`h[g, k]` for group ``g`` of a blockwise key.
+\sum_g h[g, k]` for an exact key and :math:`h[g, k]` for group ``g`` of a blockwise key (summed over the
+param groups of its hyper group where several share one, :func:`ohotorch.hyper_groups.read_out`).
 """
 from __future__ import annotations
 
@@ -140,12 +141,4 @@ def contract(
     else:
         per_group = [torch.stack(c).sum(0) if c else torch.zeros_like(reference) for c in contributions]
 
-    hyper: List[Dict[str, Tensor]] = [{} for _ in range(n_groups)]
-    for k, (owner, name) in enumerate(keys):
-        if owner is not None:  # exact: the tangent spans every parameter
-            hyper[owner][name] = torch.stack([values[k] for values in per_group]).sum()
-        else:  # blockwise: each group reads its own block
-            for group_index, group in enumerate(param_groups):
-                if name in group["tune"]:
-                    hyper[group_index][name] = per_group[group_index][k]
-    return hyper
+    return hyper_groups.read_out(param_groups, keys, per_group)

@@ -126,12 +126,21 @@ class OHO(Optimizer):
         + opt.hyper_step(val_closure)
 
     Args:
-        params: parameters or param groups (each group is a hyper group; see :func:`ohotorch.layerwise`
-            and :func:`ohotorch.grouped`). Groups may override lr, momentum, dampening, nesterov,
-            weight_decay and tune.
-        lr, momentum, dampening, nesterov, weight_decay: as torch.optim.SGD (initial values).
+        params: parameters or param groups (see :func:`ohotorch.layerwise` and :func:`ohotorch.grouped`).
+            Groups may override lr, momentum, dampening, nesterov, weight_decay and tune. Each group is
+            its own hyper group (its own tuned values, tangents and meta state) unless it carries a
+            ``"hyper_group"`` label: groups with the same label share one tuned value per name
+            (:func:`ohotorch.share`, :mod:`ohotorch.hyper_groups`).
+        lr, momentum, dampening, weight_decay, nesterov: as torch.optim.SGD (initial values), in its
+            positional order.
+        maximize, differentiable, fused: torch.optim.SGD's arguments, accepted at their default values
+            (``False``; ``fused`` also ``None``); other values are refused with what to do instead
+            (:mod:`ohotorch.compat`). ``foreach`` is an option (below).
         tune: names tuned online, any subset of ``("lr", "lr_scale", "weight_decay", "momentum")``;
-            ``()`` turns OHO into plain SGD. ``"lr_scale"`` is for runs with a
+            ``()`` turns OHO into plain SGD. A weight decay that starts at 0 is tuned only when asked:
+            by the group's own ``tune``, or by a ``tune`` given here for the groups that take this
+            weight_decay; with the default ``tune``, and in a group that sets its own
+            ``weight_decay=0`` (a no-decay group), it stays 0. ``"lr_scale"`` is for runs with a
             ``torch.optim.lr_scheduler``: the scheduler owns ``group["lr"]`` exactly as with
             torch.optim, OHO tunes the multiplier ``group["lr_scale"]`` (start 1), and each step uses
             ``lr * lr_scale``, so warmup and decay still shape the lr. Tuning ``"lr"`` while a scheduler
@@ -173,6 +182,12 @@ class OHO(Optimizer):
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
     the new starting point and its meta-optimizer state restarts (with a warning for lr). Diagnostics
     after each step and hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
+
+    **The effective lr** ``lr * lr_scale`` is what a step uses; schedulers and loggers see
+    ``group["lr"]``. It is shown in ``group["effective_lr"]`` (set when the group is added, refreshed at
+    every ``step()``: the value that step used, and after every committed ``hyper_step()``: the value
+    the next step uses unless a scheduler changes ``lr`` first) and in
+    ``diagnostics["effective_lr"]`` (``{group name or index: value}``, as of the same moments).
     """
 
     _rule: Rule = SGDRule()
@@ -503,7 +518,7 @@ class OHO(Optimizer):
             loss, val_grads = isolation.evaluate(val_closure, "val_closure")
         hyper = influence.contract(self.param_groups, self.state, keys,
                                    {id(p): grad for p, grad in zip(params, val_grads)})
-        return hyper_groups.pool_hypergradients(self.param_groups, keys, hyper), loss
+        return hyper, loss
 
     @torch.no_grad()
     def hyper_step(self, val_closure: Closure) -> List[Dict[str, Tensor]]:
