@@ -7,8 +7,8 @@ hypergradients of a validation loss.
 from __future__ import annotations
 
 from .adam import OHOAdam, OHOAdamW
-from .groups import cycle, grouped, layerwise, share
+from .groups import cycle, grouped, layerwise, share, split_decay
 from .optimizer import OHO
 
-__all__ = ["OHO", "OHOAdam", "OHOAdamW", "layerwise", "grouped", "share", "cycle", "__version__"]
+__all__ = ["OHO", "OHOAdam", "OHOAdamW", "layerwise", "grouped", "share", "split_decay", "cycle", "__version__"]
 __version__ = "0.1.0"

@@ -5,13 +5,20 @@ param groups with the same label share one value of every hyperparameter they tu
 variable** is one tuned scalar :math:`\theta`: a (hyper group, name) pair. Its *members* are the param
 groups of the hyper group whose ``tune`` names it, its *leader* the first of them; it has one tangent
 (``influence="exact"``: key ``(leader, name)``), one meta-optimizer state (saved under
-``"leader/name"``), and one value, written into every member after each hyper-step.
+``"leader/name"``), and one value, written into every member after each hyper-step. Cost: with
+``influence="exact"`` K is the number of hyper variables, not of (param group, name) pairs. The meta-
+update reads the leader's value: set a shared value from outside on every member (as a scheduler or
+nanoGPT's ``for g in opt.param_groups: g["lr"] = lr`` does); a change to another member alone is
+overwritten by the next hyper-step. Like ``tune``, the labels are part of the tangent layout fixed at
+the first step: set them before it.
 
 Sharing is exact. The members' weights all move with the one :math:`\theta`, so its tangent
 :math:`\dot w = dw/d\theta` carries the direct term :math:`[\theta = x]` on the parameters of every
 member, and
 
-.. math:: \frac{\partial L_{val}}{\partial \theta} = \sum_{g \in \text{members}} \langle \nabla_{w_g} L_{val}, \dot w_g \rangle,
+.. math::
+    \frac{\partial L_{val}}{\partial \theta}
+    = \sum_{g} \langle \nabla_{w_g} L_{val}, \dot w_g \rangle \quad\text{(every param group } g\text{)},
 
 the whole contraction of that tangent (exact layout). The blockwise layout reads the block of the
 hyper group, every param group with its label (the approximation drops the influence on other hyper

@@ -8,9 +8,9 @@ every tuned hyperparameter.
 
 **Layout.** Tangent ``k`` is named by a key ``(owner, name)``: ``owner`` the index of the param group
 whose ``name`` it differentiates (``influence="exact"``: one tangent per (group, tuned name), each
-spanning every parameter; param groups that share a ``"hyper_group"`` label share one tangent per name,
-owned by the first, see :mod:`ohotorch.hyper_groups`), or ``None`` (``"blockwise"``: one tangent per tuned name, each group reading
-its own block). With the greedy horizon (discount 0) no Hessian-vector product couples groups, so both
+spanning every parameter; param groups that share a ``"hyper_group"`` label share one per name, owned by
+the first, see :mod:`ohotorch.hyper_groups`), or ``None`` (``"blockwise"``: one tangent per tuned name,
+each hyper group reading its own block). With the greedy horizon (discount 0) no Hessian-vector product couples groups, so both
 modes give the same hypergradients and exact mode takes the cheaper blockwise layout.
 
 **Hypergradient.** With :math:`v = \nabla L_{val}(w)` split by group, the contraction

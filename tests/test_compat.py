@@ -48,7 +48,8 @@ def test_default_values_are_accepted_and_change_nothing(cls):
 
 
 def test_positional_arguments_follow_torch():
-    """SGD(params, lr, momentum, dampening, weight_decay, nesterov); Adam(params, lr, betas, eps, weight_decay, amsgrad)."""
+    """SGD(params, lr, momentum, dampening, weight_decay, nesterov);
+    Adam(params, lr, betas, eps, weight_decay, amsgrad)."""
     params = list(torch.nn.Linear(3, 2).parameters())
     group = ohotorch.OHO(params, 0.1, 0.9, 0.0, 5e-4, True).param_groups[0]
     reference = torch.optim.SGD(params, 0.1, 0.9, 0.0, 5e-4, True).param_groups[0]

@@ -240,6 +240,29 @@ def test_read_out_sums_hyper_group_blocks_and_exact_totals():
         {"lr": 7.0, "weight_decay": 70.0}, {"lr": 700.0}, {"lr": 7.0}]
 
 
+def test_split_decay_presets():
+    model = mlp()
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    biases = [p for p in model.parameters() if p.dim() == 1]
+    groups = ohotorch.split_decay([dict(params=model.parameters(), weight_decay=0.1)])
+    assert [(g["hyper_group"], g["weight_decay"]) for g in groups] == [("0", 0.1), ("0", 0.0)]
+    assert groups[0]["params"] == weights and groups[1]["params"] == biases
+    opt = ohotorch.OHOAdamW(groups, tune=("lr_scale", "weight_decay"))
+    assert _tunes(opt) == [("lr_scale", "weight_decay"), ("lr_scale",)]
+    layers = ohotorch.split_decay(ohotorch.layerwise(model, weight_decay=0.1, tune=("lr", "weight_decay")))
+    assert [(g["hyper_group"], g["weight_decay"], g["tune"]) for g in layers] == [
+        (name, wd, tune) for name in ("0", "2", "4")
+        for wd, tune in ((0.1, ("lr", "weight_decay")), (0.0, ("lr",)))]
+    opt = ohotorch.OHO(layers, lr=0.1, discount=1.0)
+    xt, yt, _, _ = digits()
+    opt.step(closures(opt, model, (xt[:16], yt[:16])))
+    assert len(opt._oho["keys"]) == 6  # 3 layers x (lr, weight decay): the biases add none
+    only_biases = ohotorch.split_decay([dict(params=biases, name="b")])
+    assert len(only_biases) == 1 and only_biases[0]["hyper_group"] == "b"
+    with pytest.raises(TypeError, match="split_decay: expected param groups"):
+        ohotorch.split_decay(model.parameters())
+
+
 def test_members_must_start_equal():
     model = mlp()
     groups = ohotorch.share(ohotorch.layerwise(model))
