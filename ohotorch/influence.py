@@ -10,8 +10,9 @@ every tuned hyperparameter.
 whose ``name`` it differentiates (``influence="exact"``: one tangent per (group, tuned name), each
 spanning every parameter; param groups that share a ``"hyper_group"`` label share one per name, owned by
 the first, see :mod:`ohotorch.hyper_groups`), or ``None`` (``"blockwise"``: one tangent per tuned name,
-each hyper group reading its own block). With the greedy horizon (discount 0) no Hessian-vector product couples groups, so both
-modes give the same hypergradients and exact mode takes the cheaper blockwise layout.
+each hyper group reading its own block). With the greedy horizon (discount 0) no Hessian-vector product
+couples groups, so both modes give the same hypergradients and exact mode takes the cheaper blockwise
+layout.
 
 **Hypergradient.** With :math:`v = \nabla L_{val}(w)` split by group, the contraction
 :math:`h[g, k] = \langle v_g, \dot w_{k,g}\rangle` gives :math:`\partial L_{val}/\partial\theta =
@@ -44,11 +45,12 @@ def tangent_keys(param_groups: Sequence[Mapping[str, Any]], *, influence: str, d
 
 
 def key_name(param_groups: Sequence[Mapping[str, Any]], key: TangentKey) -> str:
-    """``"name"`` (blockwise) or ``"group_name/name"`` (exact), as diagnostics report it."""
+    """``"name"`` (blockwise) or ``"group_name/name"`` (exact; ``"label/name"`` for a shared hyper group),
+    as diagnostics report it."""
     owner, name = key
     if owner is None:
         return name
-    return f"{param_groups[owner].get('name', owner)}/{name}"
+    return hyper_groups.variable_name(param_groups, owner, name)
 
 
 def is_direct(param_groups: Sequence[Mapping[str, Any]], key: TangentKey, group_index: int) -> bool:

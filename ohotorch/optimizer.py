@@ -499,7 +499,8 @@ class OHO(Optimizer):
 
         ``val_closure`` clears grads, computes the validation loss, calls backward and returns the loss.
         Returns one dict per param group (in ``param_groups`` order) mapping each tuned name to a 0-d
-        tensor. Grads, RNG state and module buffers are as they were before the call.
+        tensor; the param groups of a shared hyper group all report the derivative by their one shared
+        value. Grads, RNG state and module buffers are as they were before the call.
         """
         hyper, _ = self._hypergradient(val_closure)
         return hyper
@@ -525,7 +526,9 @@ class OHO(Optimizer):
         r"""Compute the hypergradients (see :meth:`hypergradient`) and apply the meta-update.
 
         Each tuned :math:`\theta` moves to :math:`P(f(\phi - \alpha\,\mathrm{step}(h\,d\theta/d\phi)))`
-        (:func:`ohotorch.meta.meta_update_`). A non-finite validation loss or hypergradient changes
+        (:func:`ohotorch.meta.meta_update_`), once per hyper variable: a shared value moves at its first
+        param group and is copied into the others (:mod:`ohotorch.hyper_groups`); ``group["effective_lr"]``
+        and ``diagnostics["effective_lr"]`` are refreshed. A non-finite validation loss or hypergradient changes
         nothing, is counted in ``diagnostics["nonfinite_hypergradients"]`` and warned about. Returns the
         hypergradients.
         """
