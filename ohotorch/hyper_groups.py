@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["HYPER_GROUP", "EFFECTIVE_LR", "DefaultTune", "DEFAULT_TUNE", "label", "leaders", "members",
-           "is_leader", "variable_name", "check_label", "check_shared_values", "asks_zero_weight_decay",
+           "variable_name", "check_label", "check_shared_values", "asks_zero_weight_decay",
            "drop_zero_weight_decay_", "read_out", "broadcast_shared_", "refresh_effective_lr_"]
 
 HYPER_GROUP = "hyper_group"
@@ -89,11 +89,6 @@ def members(param_groups: Sequence[Group]) -> Dict[Tuple[int, str], List[int]]:
         for name, leader in owners.items():
             result.setdefault((leader, name), []).append(index)
     return result
-
-
-def is_leader(param_groups: Sequence[Group], index: int, name: str) -> bool:
-    """Whether param group ``index`` holds (and the meta-update moves) its value of ``name``."""
-    return leaders(param_groups)[index].get(name) == index
 
 
 def variable_name(param_groups: Sequence[Group], index: int, name: str) -> str:

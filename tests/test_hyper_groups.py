@@ -218,7 +218,6 @@ def test_leaders_members_and_names():
     assert hyper_groups.leaders(groups) == [{"lr": 0, "weight_decay": 0}, {"lr": 1}, {"lr": 0},
                                             {"weight_decay": 0}]
     assert hyper_groups.members(groups) == {(0, "lr"): [0, 2], (0, "weight_decay"): [0, 3], (1, "lr"): [1]}
-    assert hyper_groups.is_leader(groups, 0, "lr") and not hyper_groups.is_leader(groups, 2, "lr")
     assert hyper_groups.variable_name(groups, 0, "lr") == "a/lr"
     assert hyper_groups.variable_name(groups, 1, "lr") == "head/lr"
     # a label equal to another group's index is still a label, not that group
