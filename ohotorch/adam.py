@@ -6,8 +6,10 @@ only the inner rule differs (:class:`ohotorch.rules.AdamRule`, whose update and 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
+from .compat import check_torch_arguments
+from .hyper_groups import DEFAULT_TUNE
 from .optimizer import OHO
 from .options import Options
 from .rules import AdamRule
@@ -30,10 +32,13 @@ class OHOAdam(OHO):
     closures as shown in :class:`OHO`.
 
     Args:
-        params, lr, betas, eps, weight_decay: as torch.optim.Adam (amsgrad, maximize, fused and
-            capturable are not supported).
+        params, lr, betas, eps, weight_decay: as torch.optim.Adam.
+        amsgrad, maximize, capturable, differentiable, fused, decoupled_weight_decay: torch.optim's
+            arguments, accepted at their default values (``False``; ``fused`` also ``None``); other
+            values are refused with what to do instead (:mod:`ohotorch.compat`). ``foreach`` is an option.
         tune: any subset of ``("lr", "lr_scale", "weight_decay")`` (``lr_scale``: a tuned multiplier
-            on a scheduled lr, see :class:`ohotorch.OHO`).
+            on a scheduled lr, see :class:`ohotorch.OHO`); a weight decay that starts at 0 is tuned only
+            when asked (see :class:`ohotorch.OHO`).
         **options: OHO's meta-update and influence options (``meta_lr``, ``meta_optimizer``, ``space``,
             ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``compute_dtype``, ``reset_every``, ``discount``,
             ``module``, ``foreach``), with OHO's defaults (:class:`ohotorch.options.Options`).
@@ -51,15 +56,26 @@ class OHOAdam(OHO):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        amsgrad: bool = False,
         *,
-        tune: Iterable[str] = ("lr", "weight_decay"),
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+        tune: Iterable[str] = DEFAULT_TUNE,
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - set(Options.names()))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments: {unknown}")
+        torch_arguments = dict(amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                               differentiable=differentiable, fused=fused)
+        if not self.decoupled:
+            torch_arguments["decoupled_weight_decay"] = decoupled_weight_decay
+        check_torch_arguments(type(self).__name__, **torch_arguments)
         defaults = dict(lr=lr, lr_scale=1.0, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        tune=self._canonical_tune(tune))
+                        tune=self._default_tune(tune))
         self._setup(params, defaults, Options(**options))
 
 
@@ -78,8 +94,18 @@ class OHOAdamW(OHOAdam):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
-        tune: Iterable[str] = ("lr", "weight_decay"),
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        tune: Iterable[str] = DEFAULT_TUNE,
         **options: Any,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, tune=tune, **options)
+        if "decoupled_weight_decay" in options:  # as torch.optim.AdamW, which has no such argument
+            raise TypeError(f"{type(self).__name__} got an unexpected keyword argument 'decoupled_weight_decay' "
+                            "(its weight decay is decoupled; ohotorch.OHOAdam's is L2)")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable, fused=fused,
+                         tune=tune, **options)

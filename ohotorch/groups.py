@@ -1,9 +1,13 @@
 """Hyper groups built from a model, and a validation-loader helper.
 
-A hyper group is simply a torch param group: every param group of :class:`ohotorch.OHO` carries its own
-lr / weight decay / momentum and its own ``tune`` set. The paper's three granularities:
+A hyper group is the set of param groups that share one value of each tuned hyperparameter. Every param
+group of :class:`ohotorch.OHO` carries its own lr / weight decay / momentum and its own ``tune`` set, and
+is its own hyper group unless it carries a ``"hyper_group"`` label: param groups with the same label
+share one tuned value per name (:mod:`ohotorch.hyper_groups`). The paper's three granularities:
 
-* global: ``OHO(model.parameters(), ...)`` - one group, one set of hyperparameters;
+* global: ``OHO(model.parameters(), ...)`` - one group, one set of hyperparameters; over param groups
+  that must stay apart, ``OHO(ohotorch.share(groups), ...)`` (a decay / no-decay split:
+  :func:`split_decay`);
 * layerwise: ``OHO(ohotorch.layerwise(model), ...)`` - one group per module that owns parameters
   (a layer's weight and bias share one set);
 * ``OHO(ohotorch.grouped(model, k), ...)`` - k contiguous runs of layers, in module order, as even as
@@ -12,11 +16,13 @@ lr / weight decay / momentum and its own ``tune`` set. The paper's three granula
 from __future__ import annotations
 
 from collections import abc
-from typing import Any, Dict, Iterable, Iterator, List, TypeVar
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["layerwise", "grouped", "cycle"]
+from .hyper_groups import HYPER_GROUP
+
+__all__ = ["layerwise", "grouped", "share", "split_decay", "cycle"]
 
 T = TypeVar("T")
 
@@ -61,6 +67,62 @@ def grouped(model: nn.Module, k: int, **group_options: Any) -> List[Dict[str, An
         name = run[0]["name"] if len(run) == 1 else f"{run[0]['name']}..{run[-1]['name']}"
         groups.append({"params": [p for g in run for p in g["params"]], "name": name, **group_options})
         start = stop
+    return groups
+
+
+def share(param_groups: Iterable[Mapping[str, Any]], hyper_group: Hashable = "global") -> List[Dict[str, Any]]:
+    """Copies of ``param_groups`` in one hyper group: one tuned value of each name over all of them.
+
+    The global preset over param groups that differ in what they do not tune, such as nanoGPT's decay /
+    no-decay split (one lr, one weight decay tuned where it is not 0)::
+
+        groups = [dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0)]
+        opt = ohotorch.OHOAdamW(ohotorch.share(groups), lr=6e-4, tune=("lr_scale", "weight_decay"))
+
+    Each group becomes ``{**group, "hyper_group": hyper_group}``. The groups that tune a name must start
+    from the same value of it (the optimizer refuses them otherwise). For one hyper group per layer
+    over such a split, give each layer's groups the layer's label instead (``hyper_group=name``).
+    """
+    groups = []
+    for group in param_groups:
+        if not isinstance(group, Mapping):
+            raise TypeError(f"share: expected param groups (dicts with 'params'), got {type(group).__name__}")
+        groups.append({**group, HYPER_GROUP: hyper_group})
+    if not groups:
+        raise ValueError("share: no param groups")
+    return groups
+
+
+def split_decay(param_groups: Iterable[Mapping[str, Any]],
+                no_decay: Callable[[Tensor], bool] = lambda p: p.dim() < 2) -> List[Dict[str, Any]]:
+    """Split each param group into its decayed parameters and the others (``weight_decay=0``), both in
+    the group's hyper group: one tuned lr over the two, a weight decay tuned where it is not 0.
+
+    nanoGPT's split (biases and norm gains, ``p.dim() < 2``, are not decayed) with the two presets::
+
+        OHOAdamW(split_decay([dict(params=model.parameters(), weight_decay=0.1)]), ...)  # global
+        OHOAdamW(split_decay(layerwise(model, weight_decay=0.1)), ...)                   # layerwise
+
+    The hyper group of a split group is its ``"hyper_group"`` label, else its ``"name"``, else its
+    position; an empty half is left out.
+    """
+    groups: List[Dict[str, Any]] = []
+    for index, group in enumerate(param_groups):
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise TypeError(f"split_decay: expected param groups (dicts with 'params'), got {group!r:.80}")
+        params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        label = group.get(HYPER_GROUP, group.get("name", str(index)))
+        decayed = [p for p in params if not no_decay(p)]
+        kept = [p for p in params if no_decay(p)]
+        if decayed:
+            groups.append({**group, "params": decayed, HYPER_GROUP: label})
+        if kept:
+            groups.append({**group, "params": kept, "weight_decay": 0.0, HYPER_GROUP: label})
+            if "tune" in group:  # a tune of its own would ask for weight decay from 0
+                tune = (group["tune"],) if isinstance(group["tune"], str) else tuple(group["tune"])
+                groups[-1]["tune"] = tuple(name for name in tune if name != "weight_decay")
+    if not groups:
+        raise ValueError("split_decay: no parameters")
     return groups
 
 

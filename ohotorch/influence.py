@@ -8,13 +8,16 @@ every tuned hyperparameter.
 
 **Layout.** Tangent ``k`` is named by a key ``(owner, name)``: ``owner`` the index of the param group
 whose ``name`` it differentiates (``influence="exact"``: one tangent per (group, tuned name), each
-spanning every parameter), or ``None`` (``"blockwise"``: one tangent per tuned name, each group reading
-its own block). With the greedy horizon (discount 0) no Hessian-vector product couples groups, so both
-modes give the same hypergradients and exact mode takes the cheaper blockwise layout.
+spanning every parameter; param groups that share a ``"hyper_group"`` label share one per name, owned by
+the first, see :mod:`ohotorch.hyper_groups`), or ``None`` (``"blockwise"``: one tangent per tuned name,
+each hyper group reading its own block). With the greedy horizon (discount 0) no Hessian-vector product
+couples groups, so both modes give the same hypergradients and exact mode takes the cheaper blockwise
+layout.
 
 **Hypergradient.** With :math:`v = \nabla L_{val}(w)` split by group, the contraction
 :math:`h[g, k] = \langle v_g, \dot w_{k,g}\rangle` gives :math:`\partial L_{val}/\partial\theta =
-\sum_g h[g, k]` for an exact key and :math:`h[g, k]` for group ``g`` of a blockwise key.
+\sum_g h[g, k]` for an exact key and :math:`h[g, k]` for group ``g`` of a blockwise key (summed over the
+param groups of its hyper group where several share one, :func:`ohotorch.hyper_groups.read_out`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import meta
+from . import hyper_groups, meta
 
 __all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangents", "tangent_tensors",
            "zero_tangents_", "scale_tangents_", "tangent_norms", "zero_tangent_", "contract"]
@@ -33,24 +36,32 @@ TangentKey = Tuple[Optional[int], str]
 
 def tangent_keys(param_groups: Sequence[Mapping[str, Any]], *, influence: str, discount: float) -> List[TangentKey]:
     """The keys of the tangents, in their order along the first axis of ``state["tangent_w"]``."""
-    if influence == "exact" and discount > 0.0:
-        return [(index, name) for index, group in enumerate(param_groups) for name in group["tune"]]
+    if influence == "exact" and discount > 0.0:  # one per hyper variable, named by its leader
+        owners = hyper_groups.leaders(param_groups)
+        return [(index, name) for index, group in enumerate(param_groups) for name in group["tune"]
+                if owners[index][name] == index]
     names = {name for group in param_groups for name in group["tune"]}
     return [(None, name) for name in meta.HYPERPARAMETERS if name in names]
 
 
 def key_name(param_groups: Sequence[Mapping[str, Any]], key: TangentKey) -> str:
-    """``"name"`` (blockwise) or ``"group_name/name"`` (exact), as diagnostics report it."""
+    """``"name"`` (blockwise) or ``"group_name/name"`` (exact; ``"label/name"`` for a shared hyper group),
+    as diagnostics report it."""
     owner, name = key
     if owner is None:
         return name
-    return f"{param_groups[owner].get('name', owner)}/{name}"
+    return hyper_groups.variable_name(param_groups, owner, name)
 
 
 def is_direct(param_groups: Sequence[Mapping[str, Any]], key: TangentKey, group_index: int) -> bool:
     r"""The indicator :math:`[\theta = x]` of tangent ``key`` on the parameters of group ``group_index``."""
     owner, name = key
-    return owner == group_index if owner is not None else name in param_groups[group_index]["tune"]
+    if owner is None or owner == group_index:
+        return name in param_groups[group_index]["tune"]
+    # a member of the hyper variable led by ``owner`` (a shared "hyper_group" label)
+    mine = param_groups[group_index].get(hyper_groups.HYPER_GROUP)
+    return (mine is not None and mine == param_groups[owner].get(hyper_groups.HYPER_GROUP)
+            and name in param_groups[group_index]["tune"])
 
 
 def ensure_tangents(state: Dict[str, Any], param: Tensor, n_keys: int, companions: Sequence[str]) -> None:
@@ -132,12 +143,4 @@ def contract(
     else:
         per_group = [torch.stack(c).sum(0) if c else torch.zeros_like(reference) for c in contributions]
 
-    hyper: List[Dict[str, Tensor]] = [{} for _ in range(n_groups)]
-    for k, (owner, name) in enumerate(keys):
-        if owner is not None:  # exact: the tangent spans every parameter
-            hyper[owner][name] = torch.stack([values[k] for values in per_group]).sum()
-        else:  # blockwise: each group reads its own block
-            for group_index, group in enumerate(param_groups):
-                if name in group["tune"]:
-                    hyper[group_index][name] = per_group[group_index][k]
-    return hyper
+    return hyper_groups.read_out(param_groups, keys, per_group)

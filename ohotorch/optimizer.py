@@ -34,10 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import influence, meta
+from . import hyper_groups, influence, meta
+from .compat import check_torch_arguments
 from .finite_differences import (BufferSnapshot, ClosureIsolation, RNGSnapshot, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
+from .hyper_groups import DEFAULT_TUNE, DefaultTune
 from .options import Options, canonical_tune
 from .rules import Rule, SGDRule, effective_lr
 
@@ -124,12 +126,21 @@ class OHO(Optimizer):
         + opt.hyper_step(val_closure)
 
     Args:
-        params: parameters or param groups (each group is a hyper group; see :func:`ohotorch.layerwise`
-            and :func:`ohotorch.grouped`). Groups may override lr, momentum, dampening, nesterov,
-            weight_decay and tune.
-        lr, momentum, dampening, nesterov, weight_decay: as torch.optim.SGD (initial values).
+        params: parameters or param groups (see :func:`ohotorch.layerwise` and :func:`ohotorch.grouped`).
+            Groups may override lr, momentum, dampening, nesterov, weight_decay and tune. Each group is
+            its own hyper group (its own tuned values, tangents and meta state) unless it carries a
+            ``"hyper_group"`` label: groups with the same label share one tuned value per name
+            (:func:`ohotorch.share`, :mod:`ohotorch.hyper_groups`).
+        lr, momentum, dampening, weight_decay, nesterov: as torch.optim.SGD (initial values), in its
+            positional order.
+        maximize, differentiable, fused: torch.optim.SGD's arguments, accepted at their default values
+            (``False``; ``fused`` also ``None``); other values are refused with what to do instead
+            (:mod:`ohotorch.compat`). ``foreach`` is an option (below).
         tune: names tuned online, any subset of ``("lr", "lr_scale", "weight_decay", "momentum")``;
-            ``()`` turns OHO into plain SGD. ``"lr_scale"`` is for runs with a
+            ``()`` turns OHO into plain SGD. A weight decay that starts at 0 is tuned only when asked:
+            by the group's own ``tune``, or by a ``tune`` given here for the groups that take this
+            weight_decay; with the default ``tune``, and in a group that sets its own
+            ``weight_decay=0`` (a no-decay group), it stays 0. ``"lr_scale"`` is for runs with a
             ``torch.optim.lr_scheduler``: the scheduler owns ``group["lr"]`` exactly as with
             torch.optim, OHO tunes the multiplier ``group["lr_scale"]`` (start 1), and each step uses
             ``lr * lr_scale``, so warmup and decay still shape the lr. Tuning ``"lr"`` while a scheduler
@@ -171,6 +182,12 @@ class OHO(Optimizer):
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
     the new starting point and its meta-optimizer state restarts (with a warning for lr). Diagnostics
     after each step and hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
+
+    **The effective lr** ``lr * lr_scale`` is what a step uses; schedulers and loggers see
+    ``group["lr"]``. It is shown in ``group["effective_lr"]`` (set when the group is added, refreshed at
+    every ``step()``: the value that step used, and after every committed ``hyper_step()``: the value
+    the next step uses unless a scheduler changes ``lr`` first) and in
+    ``diagnostics["effective_lr"]`` (``{group name or index: value}``, as of the same moments).
     """
 
     _rule: Rule = SGDRule()
@@ -187,10 +204,13 @@ class OHO(Optimizer):
         lr: float = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
-        nesterov: bool = False,
         weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
-        tune: Iterable[str] = ("lr", "weight_decay"),
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        tune: Iterable[str] = DEFAULT_TUNE,
         meta_lr: Union[None, float, Mapping[str, float]] = Options.meta_lr,
         meta_optimizer: str = Options.meta_optimizer,
         meta_betas: Tuple[float, float] = Options.meta_betas,
@@ -206,8 +226,9 @@ class OHO(Optimizer):
         module: Optional[nn.Module] = Options.module,
         foreach: Optional[bool] = Options.foreach,
     ) -> None:
+        check_torch_arguments(type(self).__name__, maximize=maximize, differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay, tune=self._canonical_tune(tune))
+                        weight_decay=weight_decay, tune=self._default_tune(tune))
         options = Options(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
@@ -227,6 +248,11 @@ class OHO(Optimizer):
     def _canonical_tune(cls, tune: Any) -> Tuple[str, ...]:
         return canonical_tune(tune, cls.TUNABLE)
 
+    @classmethod
+    def _default_tune(cls, tune: Any) -> Tuple[str, ...]:
+        """The constructor's ``tune`` as the groups' default; the default itself stays recognisable."""
+        return tune if isinstance(tune, DefaultTune) else cls._canonical_tune(tune)
+
     def _check_group(self, group: Dict[str, Any]) -> None:
         group["tune"] = self._canonical_tune(group["tune"])
         self._rule.check_group(group)
@@ -234,10 +260,16 @@ class OHO(Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         if self._bookkeeping.keys is not None:
-            raise ValueError("OHO.add_param_group after the first step is not supported: the influence "
-                             "tensors are laid out for the groups present at the first step")
+            raise ValueError(f"{type(self).__name__}.add_param_group after the first step is not supported: the "
+                             "influence tensors are laid out for the groups present at the first step")
+        zero_weight_decay_asked = hyper_groups.asks_zero_weight_decay(param_group, self.defaults.get("tune"))
         super().add_param_group(param_group)
+        if not zero_weight_decay_asked:
+            hyper_groups.drop_zero_weight_decay_(self.param_groups[-1])
         self._check_group(self.param_groups[-1])
+        hyper_groups.check_label(self.param_groups[-1])
+        hyper_groups.check_shared_values(self.param_groups)
+        hyper_groups.refresh_effective_lr_(self.param_groups[-1:])
         for p in self.param_groups[-1]["params"]:
             if _is_sharded(p):
                 raise TypeError(
@@ -258,10 +290,10 @@ class OHO(Optimizer):
             self.__dict__.pop("grad_scale", None)  # GradScaler deletes them only when step returns
             self.__dict__.pop("found_inf", None)
             raise RuntimeError(
-                "OHO cannot run under torch.amp.GradScaler (fp16 loss scaling): every OHO step re-evaluates "
-                "the closure, which GradScaler can neither scale nor check for infs (it refuses closures). "
-                "Train in bf16 instead: torch.autocast(device_type, dtype=torch.bfloat16) inside the closures "
-                "needs no loss scaling; pass compute_dtype=torch.bfloat16 to OHO."
+                f"{type(self).__name__} cannot run under torch.amp.GradScaler (fp16 loss scaling): every OHO "
+                "step re-evaluates the closure, which GradScaler can neither scale nor check for infs (it refuses "
+                "closures). Train in bf16 instead: torch.autocast(device_type, dtype=torch.bfloat16) inside the "
+                f"closures needs no loss scaling; pass compute_dtype=torch.bfloat16 to {type(self).__name__}."
             )
 
     def _check_no_scheduler_on_tuned_lr(self) -> None:
@@ -328,10 +360,12 @@ class OHO(Optimizer):
                 self._initialise_state()
                 return None
             raise TypeError(
-                "OHO.step() needs a closure while hyperparameters are tuned: the Hessian-vector products "
-                "re-evaluate the training loss on the same batch (or pass tune=() for plain SGD)"
+                f"{type(self).__name__}.step() needs a closure while hyperparameters are tuned: the "
+                "Hessian-vector products re-evaluate the training loss on the same batch (or pass tune=() to "
+                "tune nothing)"
             )
         keys = self._keys() if tuning else []
+        self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
 
         # (1) The influence before this step: discounted, or restarting from zero.
         norms: List[float] = [0.0] * len(keys)
@@ -366,7 +400,7 @@ class OHO(Optimizer):
                 continue
             for p in params:
                 if p.grad.is_sparse:
-                    raise RuntimeError("OHO does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             states = [self._state_for(p, group, len(keys)) for p in params]
             works.append(self._rule.prepare(group, params, states, foreach))
 
@@ -465,7 +499,8 @@ class OHO(Optimizer):
 
         ``val_closure`` clears grads, computes the validation loss, calls backward and returns the loss.
         Returns one dict per param group (in ``param_groups`` order) mapping each tuned name to a 0-d
-        tensor. Grads, RNG state and module buffers are as they were before the call.
+        tensor; the param groups of a shared hyper group all report the derivative by their one shared
+        value. Grads, RNG state and module buffers are as they were before the call.
         """
         hyper, _ = self._hypergradient(val_closure)
         return hyper
@@ -491,12 +526,16 @@ class OHO(Optimizer):
         r"""Compute the hypergradients (see :meth:`hypergradient`) and apply the meta-update.
 
         Each tuned :math:`\theta` moves to :math:`P(f(\phi - \alpha\,\mathrm{step}(h\,d\theta/d\phi)))`
-        (:func:`ohotorch.meta.meta_update_`). A non-finite validation loss or hypergradient changes
+        (:func:`ohotorch.meta.meta_update_`), once per hyper variable: a shared value moves at its first
+        param group and is copied into the others (:mod:`ohotorch.hyper_groups`); ``group["effective_lr"]``
+        and ``diagnostics["effective_lr"]`` are refreshed. A non-finite validation loss or hypergradient changes
         nothing, is counted in ``diagnostics["nonfinite_hypergradients"]`` and warned about. Returns the
         hypergradients.
         """
         hyper, loss = self._hypergradient(val_closure)
-        flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()]
+        owners = hyper_groups.leaders(self.param_groups)  # one meta-update per hyper variable
+        flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()
+                if owners[index][name] == index]
         if not flat:
             return hyper
         device = flat[0][2].device
@@ -514,10 +553,12 @@ class OHO(Optimizer):
             self._bookkeeping.nonfinite_hypergradients += 1
             warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
             return hyper
+        hyper_groups.broadcast_shared_(self.param_groups)
+        self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
         self._bookkeeping.hyper_steps += 1
         self.diagnostics["val_loss"] = loss_value
         self.diagnostics["hypergradient"] = {
-            f"{self.param_groups[index].get('name', index)}/{name}": value for index, name, value in hypergradients
+            hyper_groups.variable_name(self.param_groups, index, name): value for index, name, value in hypergradients
         }
         return hyper
 
@@ -573,6 +614,7 @@ class OHO(Optimizer):
                     self.state[p][state_key] = self.state[p][state_key].to(dtype)
         for group in self.param_groups:
             group["tune"] = self._canonical_tune(group.get("tune", ()))
+        hyper_groups.refresh_effective_lr_(self.param_groups)
         if saved_bookkeeping is not None:
             self._bookkeeping = Bookkeeping.from_state(saved_bookkeeping)
 

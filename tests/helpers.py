@@ -78,6 +78,7 @@ def oracle_hypergradients(
     betas: Tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     scheduled_lr: Optional[Sequence[float]] = None,
+    tied: Sequence[Sequence[Tuple[int, str]]] = (),
 ) -> List[Dict[str, float]]:
     """dL_val(w_T)/d theta by reverse-mode autograd through T unrolled SGD steps.
 
@@ -85,11 +86,16 @@ def oracle_hypergradients(
     ``hypers[k]`` its {"lr", "weight_decay", "momentum"} values. ``rule`` is "sgd" (torch.optim.SGD),
     "adam" (torch.optim.Adam, L2 decay) or "adamw" (decoupled decay). ``scheduled_lr[t]`` (if given)
     replaces every group's lr at step t + 1 (a scheduler's values); a group's "lr_scale" multiplies it.
+    Each entry of ``tied`` lists ``(group, name)`` pairs that are one scalar (a shared hyper group): every
+    one reports the derivative by that scalar.
     """
     names = [n for n, _ in model.named_parameters()]
     w0 = [p.detach().clone() for p in model.parameters()]
     theta = [{k: torch.tensor(float(v), dtype=torch.float64, requires_grad=True) for k, v in h.items()}
              for h in hypers]
+    for (first, first_name), *rest in tied:
+        for k, name in rest:
+            theta[k][name] = theta[first][first_name]
     owner = {i: k for k, idx in enumerate(groups) for i in idx}
 
     def loss_at(w, batch):

@@ -108,7 +108,8 @@ def test_adamw_learns_a_poor_lr():
     (dict(eps=-1.0), ValueError, "Invalid epsilon"),
     (dict(weight_decay=-1e-2), ValueError, "Invalid weight_decay"),
     (dict(tune=("momentum",)), ValueError, "Unknown hyperparameter in tune: 'momentum'"),
-    (dict(amsgrad=True), TypeError, "unexpected keyword"),
+    (dict(amsgrad=True), ValueError, "OHOAdam does not support amsgrad=True"),
+    (dict(nonsense=True), TypeError, "unexpected keyword"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

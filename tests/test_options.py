@@ -36,7 +36,7 @@ def test_partial_meta_lr_without_a_default_is_not_filled():
 def test_optimizers_refuse_a_partial_meta_lr_without_default(cls):
     params = torch.nn.Linear(3, 2).parameters()
     with pytest.raises(ValueError, match=r"meta_lr has no value for \['weight_decay'\]"):
-        cls(params, meta_optimizer="sgd", space="raw", meta_lr={"lr": 1e-3})
+        cls(params, weight_decay=1e-2, meta_optimizer="sgd", space="raw", meta_lr={"lr": 1e-3})
     opt = cls(torch.nn.Linear(3, 2).parameters(), meta_optimizer="sgd", space="raw",
               meta_lr={"lr": 1e-3, "weight_decay": 1e-4})
     assert opt.meta_lr == {"lr": 1e-3, "weight_decay": 1e-4}

@@ -78,7 +78,7 @@ def test_state_dict_holds_influence_meta_state_and_counters():
     assert set(full.state_dict()["state"][0]) == {"momentum_buffer", "tangent_w", "tangent_b"}
     assert sd["oho"]["steps"] == 3 and sd["oho"]["hyper_steps"] == 3
     assert sd["oho"]["meta_state"]  # Adam moments of the meta-optimizer
-    assert sd["param_groups"][0]["tune"] == ("lr", "weight_decay")
+    assert sd["param_groups"][0]["tune"] == ("lr",)  # weight decay starts at 0: tuned only when asked
 
 
 def test_influence_dtype_survives_load_state_dict_casting():

@@ -132,7 +132,7 @@ class OptimizerSettings:
     step_gamma: float = 0.1
     exp_gamma: float = 0.0  # ExponentialLR factor per epoch; 0: reach exp_final_ratio at the end
     exp_final_ratio: float = 0.01
-    tune: Optional[Tuple[str, ...]] = None
+    tune: Optional[Tuple[str, ...]] = ("lr", "weight_decay")  # explicit: weight decay tuned even from 0
     meta_lr: Optional[float] = None
     meta_optimizer: Optional[str] = None
     space: Optional[str] = None
