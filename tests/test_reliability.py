@@ -85,8 +85,6 @@ def _warm(opt, model, train, val, steps=3):
 
 
 # ---------------------------------------------------------------------------------------- 1. strong guarantee
-@pytest.mark.xfail(strict=True, reason="reliability: an exception inside a finite-difference evaluation "
-                                       "leaves perturbed weights and advanced state")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("hvp", ["forward", "central"])
 @pytest.mark.parametrize("fail_at", [2, 3])
@@ -115,8 +113,6 @@ def test_exception_during_fd_evaluation_leaves_everything_unchanged(name, hvp, f
     assert_same(runs[0], runs[1])
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: KeyboardInterrupt / a closure returning None inside a "
-                                       "finite-difference evaluation corrupts weights and state")
 @pytest.mark.parametrize("kind", ["interrupt", "none"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_interrupt_or_missing_loss_during_fd_evaluation_leaves_everything_unchanged(name, kind):
@@ -164,7 +160,6 @@ def _roundtrip(obj, how):
     return torch.load(buf, weights_only=False)
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: deepcopy / pickle / torch.save drop every OHO attribute")
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_copied_optimizer_continues_exactly_like_the_original(name, how):
@@ -193,8 +188,6 @@ def test_copied_optimizer_continues_exactly_like_the_original(name, how):
 
 
 # ---------------------------------------------------------------------------------------- 3. discount on retry
-@pytest.mark.xfail(strict=True, reason="reliability: a failed step has already discounted the tangents; the "
-                                       "retry discounts them twice")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_retry_after_failed_first_evaluation_discounts_once(name):
     """0 < discount < 1: a step whose closure raises on its first call, then retried, equals one step."""
@@ -235,8 +228,6 @@ def _complex_val_loss_after(lr, train, val, steps):
         return float(F.cross_entropy(model(val[0]), val[1]))
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: complex parameters get real tangents (imaginary part "
-                                       "dropped) or a cast error")
 @pytest.mark.parametrize("discount", [0.0, 1.0])
 def test_complex_parameters_hypergradient_matches_finite_differences(discount):
     """Chosen behaviour: complex parameters are supported (torch.optim.SGD supports them), with the
@@ -295,7 +286,6 @@ def test_mixed_float64_float32_parameters_hypergradient():
 
 
 # ---------------------------------------------------------------------------------------- 6. SGD state_dict
-@pytest.mark.xfail(strict=True, reason="reliability: a torch.optim.SGD state_dict resets tune to the default")
 @pytest.mark.parametrize("tune", [(), ("lr", "momentum")])
 def test_sgd_state_dict_keeps_tune(tune):
     """Keys a foreign (torch.optim.SGD) state_dict lacks keep the values this OHO was built with."""
@@ -347,8 +337,6 @@ def test_one_outlier_validation_batch_does_not_freeze_tuning(factor):
 
 
 # ---------------------------------------------------------------------------------------- 8. no backward
-@pytest.mark.xfail(strict=True, reason="reliability: a validation closure without backward gives zero "
-                                       "hypergradients and counts a hyper-step")
 @pytest.mark.parametrize("kind", ["no_backward", "no_grad"])
 @pytest.mark.parametrize("method", ["hyper_step", "hypergradient"])
 def test_validation_closure_without_backward_is_refused(kind, method):
@@ -375,8 +363,6 @@ def test_validation_closure_without_backward_is_refused(kind, method):
 
 
 # ---------------------------------------------------------------------------------------- 9. accumulated grads
-@pytest.mark.xfail(strict=True, reason="reliability: a closure that does not zero grads makes the "
-                                       "finite-difference HVP -(accumulated gradient)/eps")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_training_closure_without_zero_grad(name):
     """Full horizon; before step 4 p.grad holds an earlier micro-batch's gradient (gradient accumulation)
@@ -411,8 +397,6 @@ def test_training_closure_without_zero_grad(name):
 
 
 # ---------------------------------------------------------------------------------------- 10. step / hyper_step pairing
-@pytest.mark.xfail(strict=True, reason="reliability: a second hyper_step after one step re-applies the same "
-                                       "hypergradient silently")
 def test_two_hyper_steps_after_one_step_warn_once():
     """Chosen behaviour: a UserWarning naming hyper_step the first time, none the next times."""
     xt, yt, xv, yv = digits()
@@ -429,8 +413,6 @@ def test_two_hyper_steps_after_one_step_warn_once():
     assert len(relevant) == 1, [str(w.message) for w in caught]
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: stepping with tuning on and never calling hyper_step "
-                                       "tunes nothing, silently")
 def test_steps_without_hyper_step_warn_once():
     """Chosen behaviour: within 100 steps with tuning on and no hyper_step, exactly one UserWarning
     naming hyper_step; none with tune=()."""
@@ -448,8 +430,6 @@ def test_steps_without_hyper_step_warn_once():
 
 
 # ---------------------------------------------------------------------------------------- 11. buffers without module=
-@pytest.mark.xfail(strict=True, reason="reliability: BatchNorm statistics absorb the extra evaluations with no "
-                                       "signal when module= is not given")
 def test_buffers_without_module_warn_once_or_are_restored():
     """A BatchNorm model without module=, full horizon: either its buffers end each step as with
     module= (OHO found them itself), or exactly one UserWarning naming module= is raised over 3 steps.
@@ -484,8 +464,6 @@ class WithEmpty(nn.Module):
         return out if self.empty is None else out + self.empty.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: a zero-size parameter (data_ptr 0) makes hyper_step fail "
-                                       "with 'please report this setup'")
 @pytest.mark.parametrize("discount", [0.0, 1.0])
 def test_zero_size_parameter(discount):
     """A zero-size parameter changes nothing: same hypergradients as without it, grads restored."""
@@ -504,7 +482,6 @@ def test_zero_size_parameter(discount):
 
 
 # ---------------------------------------------------------------------------------------- 13. add_param_group
-@pytest.mark.xfail(strict=True, reason="reliability: add_param_group appends the group before validating it")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_rejected_param_group_is_not_added(name):
     """After add_param_group's ValueError (lr = -1) the optimizer has its old groups only."""
@@ -520,7 +497,6 @@ class FlatParameter(nn.Parameter):
     """Looks like FSDP1's flat parameter to OHO's refusal (only the type name matters)."""
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: the FSDP refusal happens after the group was appended")
 def test_refused_sharded_group_is_not_added():
     torch.manual_seed(0)
     a = nn.Linear(4, 2).double()
@@ -555,14 +531,12 @@ def test_huge_meta_lr_never_overflows(meta):
 
 
 # ---------------------------------------------------------------------------------------- 15. misc
-@pytest.mark.xfail(strict=True, reason="reliability: a parameter listed twice is accepted (torch only warns)")
 def test_parameter_listed_twice_is_refused():
     p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="(?i)duplicate|twice"):
         ohotorch.OHO([p, p], lr=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: OHO <-> OHOAdam state_dicts fail with a KeyError")
 @pytest.mark.parametrize("source,target", [("OHO", "OHOAdam"), ("OHOAdam", "OHO")])
 def test_state_dict_of_the_other_optimizer_is_refused_clearly(source, target):
     """Chosen behaviour: a ValueError naming both classes, and the target unchanged."""
@@ -592,7 +566,6 @@ def test_cycle_refuses_a_one_pass_iterator():
         next(ohotorch.cycle([]))
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: editing group['tune'] after the first step is ignored")
 def test_tune_edited_after_first_step_is_refused():
     """Chosen behaviour: the influence layout is fixed at the first step, so the next step raises a
     ValueError naming tune and changes nothing."""
@@ -608,7 +581,6 @@ def test_tune_edited_after_first_step_is_refused():
     assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: bounds that exclude the initial value are accepted")
 @pytest.mark.parametrize("where", ["constructor", "add_param_group"])
 def test_bounds_excluding_initial_value_are_refused(where):
     torch.manual_seed(0)
@@ -623,7 +595,6 @@ def test_bounds_excluding_initial_value_are_refused(where):
         assert len(opt.param_groups) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: a manual lr write every step warns every step")
 def test_manual_lr_write_warns_once_per_group():
     """An lr written from outside before every hyper_step: one warning per param group, not per step."""
     xt, yt, xv, yv = digits()
