@@ -7,14 +7,17 @@ influence's layout, norms and hypergradient contraction (:mod:`ohotorch.influenc
 evaluations and Hessian-vector products (:mod:`ohotorch.finite_differences`), and the meta-update
 (:mod:`ohotorch.meta`).
 
-**Order of one step.** (1) scale the influence by the discount (or note that it restarts from zero) and
-take its norms; (2) evaluate the training closure; (3) ``prepare`` every group (the rule's state and
-direction, weights unmoved); (4) advance every tangent, a Hessian-vector product per non-zero tangent
-inside one :class:`~ohotorch.finite_differences.ClosureIsolation`; (5) ``apply`` (move the weights).
-Every change to the user's tensors happens in (3)-(5), after the last place a closure can fail but for
-the HVPs of (4): the isolation puts weights, grads, RNG and buffers back on any exception; rule state
-and tangents written before a failing HVP are the remaining gap of the strong exception guarantee
-(computing all HVPs before (3) would close it at the cost of K HVPs alive at once).
+**Order of one step.** (1) take the norms of the discounted influence (or note that it restarts from
+zero), writing nothing; (2) every closure evaluation: the training one, then a Hessian-vector product
+per non-zero tangent of the discounted influence inside one
+:class:`~ohotorch.finite_differences.ClosureIsolation` (all K products alive at once); (3) commit: the
+tangent layout, the discount, ``prepare`` every group (the rule's state and direction, weights
+unmoved); (4) advance every tangent; (5) ``apply`` (move the weights). No closure runs after (2), and
+nothing of the optimizer's is written before (3): if any evaluation of (2) fails (any exception,
+``KeyboardInterrupt`` included, or no loss returned), a
+:class:`~ohotorch.finite_differences.StepRollback` taken on entry puts the gradients (the same tensor
+objects, their values too when HVPs ran), the RNG and the module's buffers back, and the isolation
+the weights: the strong exception guarantee.
 
 **Host syncs**, the places a sync-free GPU path would replace by on-device ``torch.where``: the tangent
 norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiteness), the finiteness of
@@ -132,8 +135,10 @@ class OHO(Optimizer):
     (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
     zero, so none at all with the default greedy horizon ``discount=0``), plus one validation gradient
     per ``hyper_step``. Memory: K tangents (2K with momentum) of the parameters' size, plus, while HVPs
-    run, a copy of the weights, one gradient, and a backup of the training gradient where it is a view
-    into a larger buffer (DDP's ``gradient_as_bucket_view``).
+    run, a copy of the weights, a copy of the gradients on entry (for the rollback, and the start of
+    every re-evaluation), the K HVPs (all computed before anything is committed), one discounted
+    tangent, and a backup of the training gradient where it is a view into a larger buffer (DDP's
+    ``gradient_as_bucket_view``).
 
     **Drop-in change** to an SGD loop::
 
@@ -194,8 +199,35 @@ class OHO(Optimizer):
         foreach: use the ``torch._foreach_*`` path (default: when every parameter is on CUDA).
 
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
-    the new starting point and its meta-optimizer state restarts (with a warning for lr). Diagnostics
-    after each step and hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
+    the new starting point and its meta-optimizer state restarts (with a warning for lr, once per param
+    group). Diagnostics after each step and hyper-step are in :attr:`diagnostics`; refusal counts in
+    :attr:`counters`.
+
+    **Guarantees and refusals.** ``step()`` either completes or, if a closure evaluation raises (any
+    exception, ``KeyboardInterrupt`` included) or returns no loss, leaves weights, optimizer state,
+    tangents, ``p.grad`` (the same tensors), RNG and module buffers exactly as before the call, so
+    ``except KeyboardInterrupt: save_checkpoint()`` saves the state before that step. A training
+    closure that does not clear gradients (gradient accumulation, Lightning's
+    ``accumulate_grad_batches``) steps with the accumulated gradient as torch.optim does; the
+    Hessian-vector products are unaffected. Refused with a ValueError / TypeError before anything
+    changes: a parameter listed twice, a tuned value outside its ``bounds``, an invalid or sharded
+    (FSDP) param group in ``add_param_group`` (``param_groups`` unchanged), ``group["tune"]`` edited
+    after the first step, a validation closure that leaves no gradient (no ``backward``, or under
+    ``no_grad``), and a state_dict of the other inner rule (an SGD one into an Adam one or back). Warned
+    about once: ``hyper_step`` twice without a ``step`` between, 50 steps with tuning on and no
+    ``hyper_step``, and (without ``module=``) a model whose buffers change in OHO's extra evaluations.
+
+    **Copies.** ``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load`` copy everything: the
+    options (``module`` included: copy the model and the optimizer together, ``deepcopy((model, opt))``,
+    and the copy's ``module`` is the copied model), counters, meta-optimizer state and influence; the
+    copy continues exactly like the original. Registered hooks are not copied (as torch.optim).
+
+    **state_dict.** torch.optim's, plus ``"oho"`` (counters, tangent layout, meta-optimizer state and the
+    class name). A plain torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into
+    OHOAdam / OHOAdamW); param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
+
+    Complex parameters are supported (as by torch.optim.SGD): a complex parameter is its real and
+    imaginary parts, with complex tangents, and its hypergradient contribution is the real dot product.
     """
 
     _rule: Rule = SGDRule()

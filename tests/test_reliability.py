@@ -363,8 +363,9 @@ def test_validation_closure_without_backward_is_refused(kind, method):
 
 
 # ---------------------------------------------------------------------------------------- 9. accumulated grads
+@pytest.mark.parametrize("hvp", ["forward", "central"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_training_closure_without_zero_grad(name):
+def test_training_closure_without_zero_grad(name, hvp):
     """Full horizon; before step 4 p.grad holds an earlier micro-batch's gradient (gradient accumulation)
     and the closure does not zero grads. Either step() refuses with an error naming zero_grad, or the
     hypergradient afterwards is that of the same step with a zeroing closure (within 5%): the
@@ -374,7 +375,7 @@ def test_training_closure_without_zero_grad(name):
     hyper = []
     for accumulate in (False, True):
         model = mlp((64, 8, 10))
-        opt = OPTIMIZERS[name](model.parameters(), discount=1.0, meta_lr=0.0)
+        opt = OPTIMIZERS[name](model.parameters(), discount=1.0, meta_lr=0.0, hvp=hvp)
         _warm(opt, model, train, val)
         x, y = train[3]
         if accumulate:
@@ -610,3 +611,136 @@ def test_manual_lr_write_warns_once_per_group():
             opt.hyper_step(val)
     relevant = [str(w.message) for w in caught if "changed from outside" in str(w.message)]
     assert len(relevant) == 2, relevant
+
+
+# ---------------------------------------------------------------------------------------- further checks
+class DropoutBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3),
+                                 nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kind", ["runtime", "interrupt", "none"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_greedy_failure_restores_grad_objects_rng_and_buffers(name, kind):
+    """Greedy horizon: a training closure that clears grads (zero_grad's set_to_none default), updates
+    BatchNorm statistics and draws dropout masks, then fails (or returns None): p.grad is the same
+    tensor with the same values as before, and RNG and buffers are restored too."""
+    xt, yt, xv, yv = digits()
+    train, val = batches(xt, yt, 32, 5), batches(xv, yv, 64, 5, seed=5)
+    torch.manual_seed(0)
+    model = DropoutBN().double()
+    opt = OPTIMIZERS[name](model.parameters(), module=model)
+    _warm(opt, model, train, val)
+    grads = [p.grad for p in model.parameters()]
+    before = everything(model, opt)
+    x, y = train[3]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if kind == "runtime":
+            raise RuntimeError("boom")
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises({"runtime": RuntimeError, "interrupt": KeyboardInterrupt, "none": TypeError}[kind]):
+        opt.step(closure)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert_same(before, everything(model, opt))
+
+
+def test_complex_parameters_are_refused_by_adam():
+    w = nn.Parameter(torch.zeros(3, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="complex"):
+        ohotorch.OHOAdam([w])
+    opt = ohotorch.OHOAdam([nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [w]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("target", ["OHO", "OHOAdam"])
+def test_torch_optim_state_dict_of_the_other_rule_is_refused(target):
+    """torch.optim.Adam into OHO (or SGD into OHOAdam): refused before anything changes; the matching
+    torch.optim state_dict loads and keeps this optimizer's tune."""
+    xt, yt, _, _ = digits()
+    model = mlp((64, 8, 10))
+    other = torch.optim.Adam if target == "OHO" else torch.optim.SGD
+    same = torch.optim.SGD if target == "OHO" else torch.optim.Adam
+    dst = OPTIMIZERS[target](model.parameters(), tune=("lr",))
+    dst.step(closures(dst, model, batches(xt, yt, 32, 1)[0]))
+    before = copy.deepcopy(dst.state_dict())
+    foreign = other(model.parameters(), lr=0.01)
+    foreign.step(closures(foreign, model, batches(xt, yt, 32, 1)[0]))
+    with pytest.raises(ValueError, match=target):
+        dst.load_state_dict(foreign.state_dict())
+    assert_same(before, dst.state_dict())
+    matching = same(model.parameters(), lr=0.01)
+    matching.step(closures(matching, model, batches(xt, yt, 32, 1)[0]))
+    dst.load_state_dict(matching.state_dict())
+    assert dst.param_groups[0]["tune"] == ("lr",) and dst.param_groups[0]["lr"] == 0.01
+
+
+def test_ordinary_use_gives_none_of_the_misuse_warnings():
+    """One hyper_step after every step (or every 10 steps), BatchNorm with module=: no warning at all."""
+    xt, yt, xv, yv = digits()
+    for every in (1, 10):
+        model = bn_net()
+        opt = ohotorch.OHO(model.parameters(), lr=0.05, momentum=0.9, discount=1.0, module=model)
+        val = closures(opt, model, (xv, yv))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t, b in enumerate(batches(xt, yt, 16, 60)):
+                opt.step(closures(opt, model, b))
+                if t % every == 0:
+                    opt.hyper_step(val)
+        assert not [str(w.message) for w in caught], every
+
+
+def test_buffers_changed_in_validation_without_module_warn_once():
+    """Greedy horizon, no module=, a validation closure that runs BatchNorm in training mode: one
+    warning naming module= (its statistics absorb the validation batches); none in eval mode."""
+    xt, yt, xv, yv = digits()
+    counts = []
+    for train_mode in (True, False):
+        model = bn_net()
+        opt = ohotorch.OHO(model.parameters(), lr=0.05)
+
+        def val_closure():
+            model.train(train_mode)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xv), yv)
+            loss.backward()
+            model.train()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in batches(xt, yt, 32, 5):
+                opt.step(closures(opt, model, b))
+                opt.hyper_step(val_closure)
+        counts.append(len([w for w in caught if "module=" in str(w.message)]))
+    assert counts == [1, 0]
+
+
+def test_tune_check_survives_a_state_dict_round_trip():
+    """After load_state_dict the layout of the checkpoint is fixed: editing tune is still refused, and
+    an unedited optimizer keeps stepping."""
+    xt, yt, _, _ = digits()
+    train = batches(xt, yt, 32, 3)
+    model = mlp((64, 8, 10))
+    opt = ohotorch.OHO(model.parameters(), lr=0.05, tune=("lr", "weight_decay"))
+    opt.step(closures(opt, model, train[0]))
+    opt2 = ohotorch.OHO(model.parameters(), lr=0.05, tune=("lr", "weight_decay"))
+    opt2.load_state_dict(opt.state_dict())
+    opt2.step(closures(opt2, model, train[1]))
+    opt2.param_groups[0]["tune"] = ("weight_decay",)
+    with pytest.raises(ValueError, match="tune"):
+        opt2.step(closures(opt2, model, train[2]))
