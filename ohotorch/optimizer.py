@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -70,7 +72,16 @@ class Usage:
     def warn_once(self, kind: str, message: str) -> None:
         if kind not in self.warned:
             self.warned.add(kind)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside ohotorch, torch and contextlib: the user's call."""
+    internal = (os.path.dirname(__file__), os.path.dirname(torch.__file__), contextlib.__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # Steps with tuning on and no hyper_step after which OHO warns that nothing is being tuned.
