@@ -187,7 +187,9 @@ def adam_tangent_update_(
         tm.mul_(beta1).add_(d_dot, alpha=1 - beta1)
         tv.mul_(beta2).addcmul_(d[i], d_dot, value=2 * (1 - beta2))
         root = exp_avg_sqs[i].sqrt().clamp_min_(torch.finfo(exp_avg_sqs[i].dtype).tiny)
-        denom_dot = tv / (root * (2 * bc2_sqrt[i]))  # where v = 0, v' = 0 too: 0, not 0/0
+        # Divided step by step: root * 2 sqrt(1 - beta2) can be subnormal where v = 0, and with
+        # flush-to-zero on (torch.set_flush_denormal) the product would be 0 and give 0/0. v' = 0 there too.
+        denom_dot = tv / root / (2 * bc2_sqrt[i])
         u = exp_avgs[i] / denom[i]
         u_dot = (tm - u * denom_dot) / denom[i]
         if kappa != 1.0:

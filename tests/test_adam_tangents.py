@@ -102,3 +102,20 @@ def test_fresh_tangent_update_needs_no_companions_only_when_fresh():
     case, tangents, hyper = _adam_tangent_case(torch.float64, "adam")
     with pytest.raises(ValueError, match="tangent_m and tangent_v"):
         _run_tangent(case, tangents, hyper, "lr", foreach=False, companions=False)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["reference", "foreach"])
+@pytest.mark.parametrize("rule", RULES)
+def test_tangent_update_is_finite_with_flush_to_zero(rule, foreach):
+    """Where v = 0, sqrt(v) is clamped to the smallest normal number; with denormals flushed to zero
+    (torch.set_flush_denormal, which some compiled kernels leave switched on) a product of it with
+    2 sqrt(1 - beta2) is 0 and the tangent of the denominator would be 0/0."""
+    case, tangents, hyper = _adam_tangent_case(torch.float32, rule)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        tw, tm, tv = _run_tangent(case, tangents, hyper, "lr", foreach=foreach)
+    finally:
+        torch.set_flush_denormal(False)
+    for t in (*tw, *tm, *tv):
+        assert torch.isfinite(t).all()
