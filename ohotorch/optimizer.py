@@ -218,9 +218,11 @@ class OHO(Optimizer):
     exception, ``KeyboardInterrupt`` included) or returns no loss, leaves weights, optimizer state,
     tangents, ``p.grad`` (the same tensors), RNG and module buffers exactly as before the call, so
     ``except KeyboardInterrupt: save_checkpoint()`` saves the state before that step. A training
-    closure that does not clear gradients (gradient accumulation, Lightning's
-    ``accumulate_grad_batches``) steps with the accumulated gradient as torch.optim does; the
-    Hessian-vector products are unaffected. Refused with a ValueError / TypeError before anything
+    closure that does not clear gradients (it adds to an earlier micro-batch's) steps with the
+    accumulated gradient as torch.optim does, and every re-evaluation starts from that same earlier
+    gradient, so it cancels out of the finite differences: the Hessian-vector products are those of the
+    loss the closure computes (put every micro-batch of a window inside the closure for the whole
+    window's curvature). Refused with a ValueError / TypeError before anything
     changes: a parameter listed twice, a tuned value outside its ``bounds``, an invalid or sharded
     (FSDP) param group in ``add_param_group`` (``param_groups`` unchanged), ``group["tune"]`` edited
     after the first step, a validation closure that leaves no gradient (no ``backward``, or under
@@ -467,7 +469,8 @@ class OHO(Optimizer):
 
         A closure that does not clear gradients (gradient accumulation) is supported: the step uses the
         gradient it leaves (the earlier micro-batches' plus its own, as torch.optim does), and every
-        re-evaluation starts from the same earlier gradient, so the Hessian-vector products cancel it.
+        re-evaluation starts from the same earlier gradient, which cancels out of the finite differences:
+        the Hessian-vector products are those of the loss the closure itself computes.
 
         Strong exception safety: if any closure evaluation raises (``KeyboardInterrupt`` included) or
         returns no loss, ``step()`` leaves the weights, the optimizer state, the tangents, the RNG, the

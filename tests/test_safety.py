@@ -43,6 +43,7 @@ def test_batchnorm_dropout_step_equals_torch_sgd(momentum):
     assert torch.equal(ref_rng, got_rng)
 
 
+@pytest.mark.filterwarnings("ignore:OHO. the closure updates module buffers")
 def test_without_module_buffers_see_every_evaluation():
     """Documented behaviour: without module=, each extra closure evaluation updates BatchNorm again."""
     xt, yt, _, _ = digits(torch.float32)
