@@ -21,7 +21,7 @@ the weights: the strong exception guarantee.
 
 **Host syncs**, the places a sync-free GPU path would replace by on-device ``torch.where``: the tangent
 norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiteness), the finiteness of
-the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._advance_influence`), and
+the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._hessian_vector_products`), and
 the hypergradients with the validation loss (one ``.tolist()`` in :meth:`OHO.hyper_step`, then scalar
 work in :func:`ohotorch.meta.meta_update_`). With the greedy default (no HVP) a step has one sync, the
 training loss's finiteness.
@@ -429,7 +429,7 @@ class OHO(Optimizer):
                    nn.modules.module.register_module_forward_hook(after)]
         try:
             with warnings.catch_warnings():  # torch.compile'd modules warn that global hooks exist
-                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global")
                 yield
         finally:
             for handle in handles:
@@ -509,7 +509,7 @@ class OHO(Optimizer):
         # of them succeeded; on any exception, what the evaluations changed is put back.
         rollback = StepRollback(self._all_params(), grad_values=bool(nonzero), buffers=self._snapshot("before"))
         finite = True
-        hvps: Dict[int, List[Tensor]] = {}
+        hvps: Dict[int, Optional[List[Tensor]]] = {}
         try:
             loss = None
             if closure is not None:
@@ -822,7 +822,8 @@ class OHO(Optimizer):
         state_dict["oho"] = {**self._bookkeeping.to_state(), "optimizer": type(self).__name__}
         return state_dict
 
-    def _refuse_other_family(self, state_dict: Mapping[str, Any], saved_bookkeeping: Optional[Mapping[str, Any]]) -> None:
+    def _refuse_other_family(self, state_dict: Mapping[str, Any],
+                             saved_bookkeeping: Optional[Mapping[str, Any]]) -> None:
         """Refuse a state_dict of the other inner rule (SGD vs Adam) before anything is changed."""
         adam_like = "betas" in self.defaults
         saved_groups = state_dict.get("param_groups", [])
