@@ -127,12 +127,14 @@ class GradSnapshot:
         self.values: Optional[List[Optional[Tensor]]] = (
             [next(copies) if g is not None else None for g in self.grads] if values else None)
 
-    def fresh_copies(self) -> List[Optional[Tensor]]:
-        """New tensors holding the saved values (``None`` where there was no gradient)."""
+    def starts(self) -> List[Optional[Tensor]]:
+        """What a re-evaluation of a closure that just ran must start from, per parameter: the saved value
+        where the closure kept the gradient tensor (it zeroed it in place, or added to it: gradient
+        accumulation), ``None`` where it replaced it (``zero_grad()``'s default) or there was none, as
+        then the closure's result does not depend on it."""
         assert self.values is not None, "GradSnapshot(values=False) keeps no values"
-        present = [v for v in self.values if v is not None]
-        copies = iter(clone_all(present))
-        return [next(copies) if v is not None else None for v in self.values]
+        return [value if grad is not None and p.grad is grad else None
+                for p, grad, value in zip(self.params, self.grads, self.values)]
 
     def restore(self) -> None:
         if self.values is not None:
@@ -200,10 +202,11 @@ class ClosureIsolation:
         buffers: a :class:`BufferSnapshot` factory's result taken now, or ``None`` (no module).
         replay: ``(rng, buffers)`` to restore before every evaluation, so that each one sees the
             dropout masks and buffers of an earlier evaluation (``buffers`` may be ``None``).
-        start: the gradients every evaluation starts from (a :class:`GradSnapshot` with values: each
-            evaluation gets fresh copies), or ``None`` to start from cleared gradients. A closure that
-            does not clear gradients (gradient accumulation) then adds to the same starting point in
-            every evaluation, and finite differences of its results cancel it.
+        start: the gradients every evaluation starts from, one per parameter (``None``: cleared); each
+            evaluation gets fresh copies, the tensors given are never written. ``None`` (the default)
+            clears every gradient. A closure that does not clear gradients (gradient accumulation) then
+            adds to the same starting point in every evaluation, and finite differences of its results
+            cancel it. :meth:`GradSnapshot.starts` gives the starts of a training evaluation.
         foreach: move the weights with ``torch._foreach_*`` ops (decided once by the caller).
     """
 
@@ -214,17 +217,17 @@ class ClosureIsolation:
         weights: Sequence[Tensor] = (),
         buffers: Optional[BufferSnapshot] = None,
         replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]] = None,
-        start: Optional[GradSnapshot] = None,
+        start: Optional[Sequence[Optional[Tensor]]] = None,
         foreach: bool = False,
     ) -> None:
         self.params = list(params)
         self.weights = list(weights)
         self.buffers = buffers
         self.replay = replay
-        self.start = start
+        self.start = None if start is None or all(g is None for g in start) else list(start)
         self.foreach = foreach
-        if start is not None:
-            assert [id(p) for p in start.params] == [id(p) for p in self.params], "start must cover params"
+        if self.start is not None and len(self.start) != len(self.params):
+            raise ValueError("ClosureIsolation: start needs one entry per parameter")
 
     def __enter__(self) -> "ClosureIsolation":
         self.kept_grads = [p.grad for p in self.params]
@@ -271,8 +274,10 @@ class ClosureIsolation:
             for p in self.params:
                 p.grad = None  # the closure's backward allocates fresh gradients
         else:
-            for p, grad in zip(self.params, self.start.fresh_copies()):
-                p.grad = grad
+            present = [g for g in self.start if g is not None]
+            copies = iter(clone_all(present))
+            for p, g in zip(self.params, self.start):
+                p.grad = next(copies) if g is not None else None
         with torch.enable_grad():
             loss = closure()
         check_loss(loss, what)

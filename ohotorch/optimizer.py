@@ -635,7 +635,7 @@ class OHO(Optimizer):
         train_grads = [p.grad for p in active]
         hvps: Dict[int, Optional[List[Tensor]]] = {}
         with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
-                              replay=(rollback.rng, rollback.buffers), start=rollback.grads,
+                              replay=(rollback.rng, rollback.buffers), start=rollback.grads.starts(),
                               foreach=foreach) as isolation:
             for tangent_index in nonzero:
                 eps = perturbation_scale(weight_norm, norms[tangent_index], rel)

@@ -190,8 +190,10 @@ def test_evaluations_start_from_the_given_gradients_and_differences_cancel_them(
     earlier = [torch.full_like(p, 0.5) for p in params]  # an earlier micro-batch's gradient
     for p, g in zip(params, earlier):
         p.grad = g
-    start = GradSnapshot(params, values=True)
+    snapshot = GradSnapshot(params, values=True)
     accumulating()
+    start = snapshot.starts()  # the closure kept (added to) every gradient: all of them are starts
+    assert all(g is not None for g in start)
     train = [p.grad.clone() for p in params]  # earlier + this batch
     v = [torch.randn_like(p) for p in params]
     with torch.no_grad(), ClosureIsolation(params, weights=params, start=start) as isolation:
@@ -204,7 +206,7 @@ def test_evaluations_start_from_the_given_gradients_and_differences_cancel_them(
         want = fd_hvp(isolation, closure, v, clean, eps=1e-6, scheme="forward")
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
-    assert all(torch.equal(g, torch.full_like(g, 0.5)) for g in start.values)  # copies handed out, never these
+    assert all(torch.equal(g, torch.full_like(g, 0.5)) for g in start)  # copies handed out, never these
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
@@ -262,3 +264,20 @@ def test_zero_size_gradients_are_not_taken_for_aliases():
         _, grads = isolation.evaluate(closure, "closure")
     assert grads[1].numel() == 0 and torch.equal(grads[0], 2 * w.detach())
     assert all(p.grad is g for p, g in zip(params, kept))
+
+
+def test_starts_are_the_saved_values_only_where_the_closure_kept_the_gradient():
+    """A closure that replaced a gradient (set_to_none) does not depend on it: its re-evaluations start
+    cleared; where it kept the tensor (zeroed in place or accumulated) they start from the saved value."""
+    model, params, loss_fn, closure = _setup()
+    closure()
+    snapshot = GradSnapshot(params, values=True)
+    closure()  # replaces every gradient
+    assert snapshot.starts() == [None] * len(params)
+    snapshot.restore()
+    params[0].grad.zero_()  # keeps params[0]'s tensor; the others are replaced
+    for p in params[1:]:
+        p.grad = None
+    loss_fn().backward()
+    starts = snapshot.starts()
+    assert starts[0] is snapshot.values[0] and starts[1:] == [None] * (len(params) - 1)
