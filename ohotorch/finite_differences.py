@@ -18,6 +18,8 @@ running statistics (:class:`BufferSnapshot`), which must end as one ordinary tra
 :class:`ClosureIsolation` is the one place that evaluates a closure on the optimizer's behalf, for the
 Hessian-vector products (:func:`fd_hvp`) and the validation gradient alike, and leaves the gradients,
 the RNG, the module's buffers and the weights as it found them, on success or on any exception.
+:class:`StepRollback`, taken when a step starts, puts back what the training evaluation changed too
+(gradients, RNG, buffers) when any evaluation of the step fails.
 """
 from __future__ import annotations
 
@@ -304,7 +306,7 @@ class ClosureIsolation:
                 continue
             try:
                 restore()
-            except BaseException as error:  # noqa: B036 (re-raised below)
+            except BaseException as error:  # re-raised below
                 errors.append(error)
         if errors and exc_info[0] is None:
             raise errors[0]
