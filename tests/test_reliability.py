@@ -744,3 +744,27 @@ def test_tune_check_survives_a_state_dict_round_trip():
     opt2.param_groups[0]["tune"] = ("weight_decay",)
     with pytest.raises(ValueError, match="tune"):
         opt2.step(closures(opt2, model, train[2]))
+
+
+@pytest.mark.parametrize("hvp", ["forward", "central"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_discount_applied_at_the_commit_equals_scaling_the_tangents_first(name, hvp):
+    """The discount is applied after the last closure evaluation (HVPs of the discounted tangents taken
+    from scaled copies): the same influence as scaling every tangent by gamma before a full-horizon
+    step, to rounding."""
+    xt, yt, xv, yv = digits()
+    train, val = batches(xt, yt, 32, 5), (xv[:256], yv[:256])
+    hyper = []
+    for by_hand in (False, True):
+        model = mlp((64, 8, 10))
+        opt = OPTIMIZERS[name](model.parameters(), discount=1.0 if by_hand else 0.5, hvp=hvp, meta_lr=0.0)
+        for b in train:
+            if by_hand:
+                for state in opt.state.values():
+                    for key, tensor in state.items():
+                        if key.startswith("tangent_"):
+                            tensor.mul_(0.5)
+            opt.step(closures(opt, model, b))
+        hyper.append({k: float(v) for k, v in opt.hypergradient(closures(opt, model, val))[0].items()})
+    for k in hyper[0]:
+        assert relative_error(hyper[0][k], hyper[1][k]) < 1e-8, (k, hyper)
