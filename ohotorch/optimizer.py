@@ -407,8 +407,10 @@ class OHO(Optimizer):
     @contextlib.contextmanager
     def _watch_unseen_buffers(self) -> Iterator[None]:
         """Without ``module``, watch OHO's own closure evaluations (of the first few steps and hyper-steps)
-        for modules whose buffers change (BatchNorm's running statistics in training mode), and warn once:
-        those evaluations update them again, which ``module=`` would prevent."""
+        for modules whose buffers, or their submodules', change (BatchNorm's running statistics in training
+        mode; the version counters tell, nothing is copied), and warn once: those evaluations update them
+        again, which ``module=`` would prevent. Global module hooks see torch.compile'd models too (as one
+        module) and cause no recompilation."""
         usage = self._usage
         if self.module is not None or "buffers" in usage.warned or usage.buffer_watches >= BUFFER_WATCHES:
             yield
@@ -418,12 +420,12 @@ class OHO(Optimizer):
         changed: List[str] = []
 
         def before(module: nn.Module, args: Any) -> None:
-            versions[id(module)] = [b._version for b in module.buffers(recurse=False)]
+            versions[id(module)] = [b._version for b in module.buffers()]
 
         def after(module: nn.Module, args: Any, output: Any) -> None:
             seen = versions.pop(id(module), None)
-            if seen is not None and seen != [b._version for b in module.buffers(recurse=False)]:
-                changed.append(type(module).__name__)
+            if seen is not None and seen != [b._version for b in module.buffers()]:
+                changed.append(type(getattr(module, "_orig_mod", module)).__name__)  # torch.compile's wrapper
 
         handles = [nn.modules.module.register_module_forward_pre_hook(before),
                    nn.modules.module.register_module_forward_hook(after)]
