@@ -42,6 +42,14 @@ class OHOAdam(OHO):
         **options: OHO's meta-update and influence options (``meta_lr``, ``meta_optimizer``, ``space``,
             ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``compute_dtype``, ``reset_every``, ``discount``,
             ``module``, ``foreach``), with OHO's defaults (:class:`ohotorch.options.Options`).
+
+    Guarantees, refusals and warnings as :class:`ohotorch.OHO` (strong exception safety of ``step()``).
+    **Copies:** ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep every option and continue exactly
+    like the original (copy the model with it: ``deepcopy((model, opt))``). **state_dict:** a
+    torch.optim.Adam / AdamW state_dict loads (``tune``, ``lr_scale`` keep this optimizer's values); an
+    SGD-family one (torch.optim.SGD, :class:`ohotorch.OHO`) is refused with a ValueError naming both,
+    before anything changes (OHOAdam and OHOAdamW load each other's, as torch.optim's Adam and AdamW
+    do). Complex parameters are refused at construction (use :class:`ohotorch.OHO`).
     """
 
     _rule = AdamRule(decoupled=False)

@@ -18,6 +18,8 @@ running statistics (:class:`BufferSnapshot`), which must end as one ordinary tra
 :class:`ClosureIsolation` is the one place that evaluates a closure on the optimizer's behalf, for the
 Hessian-vector products (:func:`fd_hvp`) and the validation gradient alike, and leaves the gradients,
 the RNG, the module's buffers and the weights as it found them, on success or on any exception.
+:class:`StepRollback`, taken when a step starts, puts back what the training evaluation changed too
+(gradients, RNG, buffers) when any evaluation of the step fails.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["RNGSnapshot", "BufferSnapshot", "ClosureIsolation", "fd_hvp", "check_loss", "clone_all",
-           "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
+__all__ = ["RNGSnapshot", "BufferSnapshot", "GradSnapshot", "StepRollback", "ClosureIsolation", "fd_hvp",
+           "check_loss", "clone_all", "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
 
 
 # The relative step for closures that compute in a 16-bit format (bf16 autocast), measured rather than
@@ -109,6 +111,65 @@ class BufferSnapshot:
                 torch._foreach_copy_(self.targets, self.values)
 
 
+class GradSnapshot:
+    """The parameters' ``.grad`` tensors (the objects) and, when ``values`` is true, copies of their values.
+
+    :meth:`restore` puts the same tensor objects back on the parameters; with ``values`` it first copies
+    the saved values into them, so that a closure that zeroed them in place (``zero_grad(set_to_none=False)``),
+    accumulated into them, or a DDP bucket view that a backward rewrote, read bit for bit as on capture.
+    Without ``values`` it is free, and exact whenever the closure replaced the gradients (``zero_grad()``'s
+    default ``set_to_none=True``) instead of writing into them.
+    """
+
+    def __init__(self, params: Sequence[Tensor], *, values: bool) -> None:
+        self.params = list(params)
+        self.grads = [p.grad for p in self.params]
+        present = [g for g in self.grads if g is not None]
+        copies = iter(clone_all(present) if values else [])
+        self.values: Optional[List[Optional[Tensor]]] = (
+            [next(copies) if g is not None else None for g in self.grads] if values else None)
+
+    def starts(self) -> List[Optional[Tensor]]:
+        """What a re-evaluation of a closure that just ran must start from, per parameter: the saved value
+        where the closure kept the gradient tensor (it zeroed it in place, or added to it: gradient
+        accumulation), ``None`` where it replaced it (``zero_grad()``'s default) or there was none, as
+        then the closure's result does not depend on it."""
+        assert self.values is not None, "GradSnapshot(values=False) keeps no values"
+        return [value if grad is not None and p.grad is grad else None
+                for p, grad, value in zip(self.params, self.grads, self.values)]
+
+    def restore(self) -> None:
+        if self.values is not None:
+            with torch.no_grad():
+                for grad, value in zip(self.grads, self.values):
+                    if grad is not None and value is not None:
+                        grad.copy_(value)
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad
+
+
+class StepRollback:
+    """What an optimizer step must put back if any closure evaluation of it fails.
+
+    Taken on entry to ``step()``, before the training evaluation: the gradients (:class:`GradSnapshot`,
+    with values when later evaluations follow), the RNG state and the module's buffers (a
+    :class:`BufferSnapshot`, or ``None`` without a module). :meth:`restore` puts all three back; the
+    weights and the optimizer state are the caller's (no change to them before the last evaluation).
+    The RNG and buffers double as the ``replay`` of :class:`ClosureIsolation`.
+    """
+
+    def __init__(self, params: Sequence[Tensor], *, grad_values: bool, buffers: Optional[BufferSnapshot]) -> None:
+        self.grads = GradSnapshot(params, values=grad_values)
+        self.rng = RNGSnapshot().capture()
+        self.buffers = buffers
+
+    def restore(self) -> None:
+        self.grads.restore()
+        self.rng.restore()
+        if self.buffers is not None:
+            self.buffers.restore()
+
+
 def clone_all(tensors: List[Tensor]) -> List[Tensor]:
     """Detached copies of ``tensors`` in one multi-tensor copy (``torch._foreach_copy_``)."""
     copies = [torch.empty_like(t) for t in tensors]
@@ -143,6 +204,11 @@ class ClosureIsolation:
         buffers: a :class:`BufferSnapshot` factory's result taken now, or ``None`` (no module).
         replay: ``(rng, buffers)`` to restore before every evaluation, so that each one sees the
             dropout masks and buffers of an earlier evaluation (``buffers`` may be ``None``).
+        start: the gradients every evaluation starts from, one per parameter (``None``: cleared); each
+            evaluation gets fresh copies, the tensors given are never written. ``None`` (the default)
+            clears every gradient. A closure that does not clear gradients (gradient accumulation) then
+            adds to the same starting point in every evaluation, and finite differences of its results
+            cancel it. :meth:`GradSnapshot.starts` gives the starts of a training evaluation.
         foreach: move the weights with ``torch._foreach_*`` ops (decided once by the caller).
     """
 
@@ -153,13 +219,17 @@ class ClosureIsolation:
         weights: Sequence[Tensor] = (),
         buffers: Optional[BufferSnapshot] = None,
         replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]] = None,
+        start: Optional[Sequence[Optional[Tensor]]] = None,
         foreach: bool = False,
     ) -> None:
         self.params = list(params)
         self.weights = list(weights)
         self.buffers = buffers
         self.replay = replay
+        self.start = None if start is None or all(g is None for g in start) else list(start)
         self.foreach = foreach
+        if self.start is not None and len(self.start) != len(self.params):
+            raise ValueError("ClosureIsolation: start needs one entry per parameter")
 
     def __enter__(self) -> "ClosureIsolation":
         self.kept_grads = [p.grad for p in self.params]
@@ -167,7 +237,8 @@ class ClosureIsolation:
         copies = iter(clone_all(views))
         self.grad_backups = [next(copies) if g is not None and g._base is not None else None
                              for g in self.kept_grads]
-        self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None}
+        # Zero-size tensors share data_ptr 0 and hold nothing that could be overwritten.
+        self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None and g.numel() > 0}
         self.rng = RNGSnapshot().capture()
         self.weight_copies = clone_all(self.weights)
         return self
@@ -190,7 +261,8 @@ class ClosureIsolation:
                 w.copy_(copy)
 
     def evaluate(self, closure: Callable[[], Any], what: str) -> Tuple[Any, List[Optional[Tensor]]]:
-        """Run ``closure`` from cleared gradients; returns its loss and the gradients of ``params``.
+        """Run ``closure`` from cleared gradients (or copies of ``start``); returns its loss and the
+        gradients of ``params``.
 
         The returned gradients are tensors of their own: when the closure wrote into the memory of a kept
         gradient (a view), they are copied out and the kept gradient is restored from its backup.
@@ -200,13 +272,20 @@ class ClosureIsolation:
             rng.restore()  # the same dropout masks as the evaluation replayed
             if buffers is not None:
                 buffers.restore()  # the same buffers as it saw
-        for p in self.params:
-            p.grad = None  # the closure's backward allocates fresh gradients
+        if self.start is None:
+            for p in self.params:
+                p.grad = None  # the closure's backward allocates fresh gradients
+        else:
+            present = [g for g in self.start if g is not None]
+            copies = iter(clone_all(present))
+            for p, g in zip(self.params, self.start):
+                p.grad = next(copies) if g is not None else None
         with torch.enable_grad():
             loss = closure()
         check_loss(loss, what)
         grads = [p.grad for p in self.params]
-        aliased = [i for i, g in enumerate(grads) if g is not None and g.data_ptr() in self.kept_pointers]
+        aliased = [i for i, g in enumerate(grads)
+                   if g is not None and g.numel() > 0 and g.data_ptr() in self.kept_pointers]
         if aliased:
             if any(self.grad_backups[i] is None for i in aliased):  # never silently: the gradient is gone
                 raise RuntimeError(
@@ -219,12 +298,22 @@ class ClosureIsolation:
         return loss, grads
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.restore_weights()
+        # Each restoration runs even if an earlier one fails; the first failure is raised afterwards.
+        errors: List[BaseException] = []
+        for restore in (self.restore_weights, self._restore_grads, self.rng.restore,
+                        self.buffers.restore if self.buffers is not None else None):
+            if restore is None:
+                continue
+            try:
+                restore()
+            except BaseException as error:  # re-raised below
+                errors.append(error)
+        if errors and exc_info[0] is None:
+            raise errors[0]
+
+    def _restore_grads(self) -> None:
         for p, grad in zip(self.params, self.kept_grads):
             p.grad = grad
-        self.rng.restore()
-        if self.buffers is not None:
-            self.buffers.restore()
 
 
 def fd_hvp(

@@ -33,6 +33,8 @@ __all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangen
 
 TangentKey = Tuple[Optional[int], str]
 
+_TANGENT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
 
 def tangent_keys(param_groups: Sequence[Mapping[str, Any]], *, influence: str, discount: float) -> List[TangentKey]:
     """The keys of the tangents, in their order along the first axis of ``state["tangent_w"]``."""
@@ -67,12 +69,13 @@ def is_direct(param_groups: Sequence[Mapping[str, Any]], key: TangentKey, group_
 def ensure_tangents(state: Dict[str, Any], param: Tensor, n_keys: int, companions: Sequence[str]) -> None:
     """Create zero tangents (``tangent_w`` and the ``companions``) for ``param`` where missing.
 
-    Tangents are float32 for 16-bit parameters (the influence keeps a float32 accumulation).
+    Tangents are float32 for 16-bit parameters (the influence keeps a float32 accumulation); a complex
+    parameter has complex tangents (the derivatives of its real and imaginary parts).
     """
     if not n_keys:
         return
     if "tangent_w" not in state:
-        dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = param.dtype if param.dtype in _TANGENT_DTYPES else torch.float32
         state["tangent_w"] = torch.zeros((n_keys, *param.shape), dtype=dtype, device=param.device)
     for name in companions:
         if name not in state:
@@ -124,9 +127,12 @@ def contract(
     keys: Sequence[TangentKey],
     val_grads: Mapping[int, Optional[Tensor]],
 ) -> List[Dict[str, Tensor]]:
-    """The hypergradients ``[{name: dL_val/dtheta}]`` per group from the validation gradients.
+    r"""The hypergradients ``[{name: dL_val/dtheta}]`` per group from the validation gradients.
 
-    ``val_grads`` maps ``id(param)`` to its validation gradient (``None``: no contribution).
+    ``val_grads`` maps ``id(param)`` to its validation gradient (``None``: no contribution). For a
+    complex parameter torch's gradient is :math:`\partial L/\partial \Re w + i\,\partial L/\partial \Im w`,
+    so the contraction is :math:`\Re\langle \bar v, \dot w\rangle`, the real dot product of the
+    (real, imaginary) pairs.
     """
     n_groups, n_keys = len(param_groups), len(keys)
     contributions: List[List[Tensor]] = [[] for _ in range(n_groups)]
@@ -136,6 +142,8 @@ def contract(
             tangents = state.get(p, {}).get("tangent_w")
             if grad is None or tangents is None:
                 continue
+            if tangents.is_complex():  # the real dot product of the (re, im) pairs
+                tangents, grad = torch.view_as_real(tangents), torch.view_as_real(grad.to(tangents.dtype))
             contributions[group_index].append(tangents.reshape(n_keys, -1) @ grad.reshape(-1).to(tangents.dtype))
     reference = next((c[0] for c in contributions if c), None)
     if reference is None:

@@ -23,8 +23,9 @@ Returning an OHO optimizer from ``configure_optimizers`` is not enough on its ow
 ``optimizer.step`` runs ``training_step``, then ``zero_grad`` (only on the first batch of an accumulation
 window), then ``backward``, then the ``on_before_optimizer_step`` hooks and gradient clipping. OHO needs:
 
-* *grads cleared inside the closure*: OHO sets every ``p.grad`` to ``None`` before each re-evaluation, so
-  a re-evaluation sees the gradient of this closure alone;
+* *grads cleared inside the closure*: OHO starts each re-evaluation from the gradients ``step`` was
+  called with, as the first evaluation started, and the closure clears them, so a re-evaluation sees the
+  gradient of this closure alone;
 * *the closure may run several times a step*: with ``discount > 0`` OHO re-evaluates it once per live
   tangent (twice with ``hvp="central"``) for the finite-difference Hessian-vector products, so
   ``training_step`` and its ``self.log`` calls run up to 1 + K times a step; the step-level value Lightning
@@ -37,8 +38,9 @@ window), then ``backward``, then the ``on_before_optimizer_step`` hooks and grad
 **Gradient accumulation** (``Trainer(accumulate_grad_batches=n)``). Lightning runs the first n - 1
 micro-batches outside any step and hands ``optimizer.step`` the closure of the last one, which does not
 clear the gradient. The first evaluation therefore returns the sum of all n micro-batches (what the step
-and the greedy hypergradient use: correct), but a re-evaluation holds only the last micro-batch, so a
-finite-difference HVP would subtract the whole window's gradient from one micro-batch's. Hence:
+and the greedy hypergradient use: correct), but a re-evaluation re-runs only the last micro-batch (OHO
+starts it from the earlier micro-batches' gradient, which cancels out), so a finite-difference HVP would
+carry one micro-batch's curvature instead of the window's. Hence:
 
 * greedy horizon (``discount=0``, the default): no re-evaluation, so accumulation is exact: the tangent
   is ``-u_t`` from the accumulated direction, the hypergradient ``-<grad L_val(w_{t+1}), u_t>``;
@@ -179,8 +181,8 @@ class OHOCallback(Callback):
                 f"{type(opt).__name__}(discount={opt.discount}) cannot run under Lightning's automatic "
                 f"optimisation with accumulate_grad_batches={trainer.accumulate_grad_batches}: Lightning hands "
                 "optimizer.step the closure of the last micro-batch only, so the finite-difference Hessian-vector "
-                "products (which re-run the closure) would see one micro-batch against the whole window's "
-                "gradient. Use the greedy default discount=0 (no re-evaluation, exact with accumulation), or "
+                "products (which re-run the closure) would carry one micro-batch's curvature instead of the "
+                "window's. Use the greedy default discount=0 (no re-evaluation, exact with accumulation), or "
                 "manual optimisation with a closure over every micro-batch (docs/porting.md).")
         precision = str(trainer.precision)
         if "bf16" in precision and opt.compute_dtype is None:

@@ -7,28 +7,34 @@ influence's layout, norms and hypergradient contraction (:mod:`ohotorch.influenc
 evaluations and Hessian-vector products (:mod:`ohotorch.finite_differences`), and the meta-update
 (:mod:`ohotorch.meta`).
 
-**Order of one step.** (1) scale the influence by the discount (or note that it restarts from zero) and
-take its norms; (2) evaluate the training closure; (3) ``prepare`` every group (the rule's state and
-direction, weights unmoved); (4) advance every tangent, a Hessian-vector product per non-zero tangent
-inside one :class:`~ohotorch.finite_differences.ClosureIsolation`; (5) ``apply`` (move the weights).
-Every change to the user's tensors happens in (3)-(5), after the last place a closure can fail but for
-the HVPs of (4): the isolation puts weights, grads, RNG and buffers back on any exception; rule state
-and tangents written before a failing HVP are the remaining gap of the strong exception guarantee
-(computing all HVPs before (3) would close it at the cost of K HVPs alive at once).
+**Order of one step.** (1) take the norms of the discounted influence (or note that it restarts from
+zero), writing nothing; (2) every closure evaluation: the training one, then a Hessian-vector product
+per non-zero tangent of the discounted influence inside one
+:class:`~ohotorch.finite_differences.ClosureIsolation` (all K products alive at once); (3) commit: the
+tangent layout, the discount, ``prepare`` every group (the rule's state and direction, weights
+unmoved); (4) advance every tangent; (5) ``apply`` (move the weights). No closure runs after (2), and
+nothing of the optimizer's is written before (3): if any evaluation of (2) fails (any exception,
+``KeyboardInterrupt`` included, or no loss returned), a
+:class:`~ohotorch.finite_differences.StepRollback` taken on entry puts the gradients (the same tensor
+objects, their values too when HVPs ran), the RNG and the module's buffers back, and the isolation
+the weights: the strong exception guarantee.
 
 **Host syncs**, the places a sync-free GPU path would replace by on-device ``torch.where``: the tangent
 norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiteness), the finiteness of
-the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._advance_influence`), and
+the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._hessian_vector_products`), and
 the hypergradients with the validation loss (one ``.tolist()`` in :meth:`OHO.hyper_step`, then scalar
 work in :func:`ohotorch.meta.meta_update_`). With the greedy default (no HVP) a step has one sync, the
 training loss's finiteness.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +42,7 @@ from torch.optim import Optimizer
 
 from . import hyper_groups, influence, meta
 from .compat import check_torch_arguments
-from .finite_differences import (BufferSnapshot, ClosureIsolation, RNGSnapshot, check_loss, fd_hvp,
+from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
 from .hyper_groups import DEFAULT_TUNE, DefaultTune
@@ -51,6 +57,39 @@ Closure = Callable[[], Any]
 def _is_sharded(p: Tensor) -> bool:
     """A parameter that FSDP shards: a DTensor (FSDP2, tensor parallel) or FSDP1's FlatParameter."""
     return type(p).__name__ in ("DTensor", "FlatParameter") or type(getattr(p, "data", None)).__name__ == "DTensor"
+
+
+@dataclass
+class Usage:
+    """How the optimizer is being called, for the misuse warnings (each given once per optimizer).
+
+    Not part of the state_dict (a resumed run starts afresh); copied with the optimizer.
+    """
+
+    steps_without_hyper_step: int = 0  # consecutive steps since the last hyper_step / hypergradient
+    hyper_stepped: bool = False  # a hyper_step since the last step
+    buffer_watches: int = 0  # steps / hyper-steps whose extra evaluations were watched for module buffers
+    warned: Set[str] = field(default_factory=set)  # kinds of warning given ("lr/<group>", ...)
+
+    def warn_once(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(message, stacklevel=_caller_stacklevel())
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside ohotorch, torch and contextlib: the user's call."""
+    internal = (os.path.dirname(__file__), os.path.dirname(torch.__file__), contextlib.__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# Steps with tuning on and no hyper_step after which OHO warns that nothing is being tuned.
+STEPS_WITHOUT_HYPER_STEP = 50
+# Steps / hyper-steps whose extra closure evaluations are watched for buffers OHO cannot see (no module=).
+BUFFER_WATCHES = 3
 
 
 @dataclass
@@ -109,8 +148,10 @@ class OHO(Optimizer):
     (K extra gradient evaluations with ``hvp="forward"``, 2K with ``"central"``; none while a tangent is
     zero, so none at all with the default greedy horizon ``discount=0``), plus one validation gradient
     per ``hyper_step``. Memory: K tangents (2K with momentum) of the parameters' size, plus, while HVPs
-    run, a copy of the weights, one gradient, and a backup of the training gradient where it is a view
-    into a larger buffer (DDP's ``gradient_as_bucket_view``).
+    run, a copy of the weights, a copy of the gradients on entry (for the rollback, and the start of
+    every re-evaluation), the K HVPs (all computed before anything is committed), one discounted
+    tangent, and a backup of the training gradient where it is a view into a larger buffer (DDP's
+    ``gradient_as_bucket_view``).
 
     **Drop-in change** to an SGD loop::
 
@@ -180,14 +221,43 @@ class OHO(Optimizer):
         foreach: use the ``torch._foreach_*`` path (default: when every parameter is on CUDA).
 
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
-    the new starting point and its meta-optimizer state restarts (with a warning for lr). Diagnostics
-    after each step and hyper-step are in :attr:`diagnostics`; refusal counts in :attr:`counters`.
+    the new starting point and its meta-optimizer state restarts (with a warning for lr, once per param
+    group). Diagnostics after each step and hyper-step are in :attr:`diagnostics`; refusal counts in
+    :attr:`counters`.
 
     **The effective lr** ``lr * lr_scale`` is what a step uses; schedulers and loggers see
     ``group["lr"]``. It is shown in ``group["effective_lr"]`` (set when the group is added, refreshed at
     every ``step()``: the value that step used, and after every committed ``hyper_step()``: the value
     the next step uses unless a scheduler changes ``lr`` first) and in
     ``diagnostics["effective_lr"]`` (``{group name or index: value}``, as of the same moments).
+
+    **Guarantees and refusals.** ``step()`` either completes or, if a closure evaluation raises (any
+    exception, ``KeyboardInterrupt`` included) or returns no loss, leaves weights, optimizer state,
+    tangents, ``p.grad`` (the same tensors), RNG and module buffers exactly as before the call, so
+    ``except KeyboardInterrupt: save_checkpoint()`` saves the state before that step. A training
+    closure that does not clear gradients (it adds to an earlier micro-batch's) steps with the
+    accumulated gradient as torch.optim does, and every re-evaluation starts from that same earlier
+    gradient, so it cancels out of the finite differences: the Hessian-vector products are those of the
+    loss the closure computes (put every micro-batch of a window inside the closure for the whole
+    window's curvature). Refused with a ValueError / TypeError before anything
+    changes: a parameter listed twice, a tuned value outside its ``bounds``, an invalid or sharded
+    (FSDP) param group in ``add_param_group`` (``param_groups`` unchanged), ``group["tune"]`` edited
+    after the first step, a validation closure that leaves no gradient (no ``backward``, or under
+    ``no_grad``), and a state_dict of the other inner rule (an SGD one into an Adam one or back). Warned
+    about once: ``hyper_step`` twice without a ``step`` between, 50 steps with tuning on and no
+    ``hyper_step``, and (without ``module=``) a model whose buffers change in OHO's extra evaluations.
+
+    **Copies.** ``copy.deepcopy``, ``pickle`` and ``torch.save`` / ``torch.load`` copy everything: the
+    options (``module`` included: copy the model and the optimizer together, ``deepcopy((model, opt))``,
+    and the copy's ``module`` is the copied model), counters, meta-optimizer state and influence; the
+    copy continues exactly like the original. Registered hooks are not copied (as torch.optim).
+
+    **state_dict.** torch.optim's, plus ``"oho"`` (counters, tangent layout, meta-optimizer state and the
+    class name). A plain torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into
+    OHOAdam / OHOAdamW); param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
+
+    Complex parameters are supported (as by torch.optim.SGD): a complex parameter is its real and
+    imaginary parts, with complex tangents, and its hypergradient contribution is the real dot product.
     """
 
     _rule: Rule = SGDRule()
@@ -240,6 +310,8 @@ class OHO(Optimizer):
         self.options = options
         self.diagnostics: Dict[str, Any] = {}
         self._bookkeeping = Bookkeeping()
+        self._usage = Usage()
+        self._fixed_tune: Optional[List[Tuple[str, ...]]] = None  # each group's tune at the first step
         self._buffer_storage: Dict[str, List[Tensor]] = {}
         Optimizer.__init__(self, params, defaults)
 
@@ -256,21 +328,40 @@ class OHO(Optimizer):
     def _check_group(self, group: Dict[str, Any]) -> None:
         group["tune"] = self._canonical_tune(group["tune"])
         self._rule.check_group(group)
+        if any(isinstance(p, Tensor) and p.is_complex() for p in group["params"]):
+            self._rule.check_complex()
         self.options.check_tuned(group["tune"])
+        for name in group["tune"]:
+            low, high = self.options.bounds[name]  # type: ignore[index]
+            if not low <= group[name] <= high:
+                raise ValueError(
+                    f"The initial {name}={group[name]} of a tuned param group lies outside its bounds "
+                    f"[{low}, {high}]: the first hyper-step would jump to the bound. Start inside the bounds "
+                    "or widen them."
+                )
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch.optim's add_param_group, validated before the group is added: a refused group (invalid
+        value, duplicate parameter, sharded parameter) leaves ``param_groups`` unchanged."""
         if self._bookkeeping.keys is not None:
-            raise ValueError(f"{type(self).__name__}.add_param_group after the first step is not supported: the "
-                             "influence tensors are laid out for the groups present at the first step")
-        zero_weight_decay_asked = hyper_groups.asks_zero_weight_decay(param_group, self.defaults.get("tune"))
-        super().add_param_group(param_group)
-        if not zero_weight_decay_asked:
-            hyper_groups.drop_zero_weight_decay_(self.param_groups[-1])
-        self._check_group(self.param_groups[-1])
-        hyper_groups.check_label(self.param_groups[-1])
-        hyper_groups.check_shared_values(self.param_groups)
-        hyper_groups.refresh_effective_lr_(self.param_groups[-1:])
-        for p in self.param_groups[-1]["params"]:
+            raise ValueError(f"{type(self).__name__}.add_param_group after the first step is not supported: the influence "
+                             "tensors are laid out for the groups present at the first step")
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch.optim refuses sets with its own message
+            params = list(params)
+        param_group["params"] = params
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError(
+                "A parameter is listed twice in one param group (duplicate parameters): it would take two "
+                "updates per step and two shares of the hypergradient. List each parameter once."
+            )
+        for p in tensors:
             if _is_sharded(p):
                 raise TypeError(
                     f"{type(self).__name__} does not support FSDP (or any sharded {type(p).__name__} "
@@ -278,6 +369,28 @@ class OHO(Optimizer):
                     "over whole parameters, which a shard does not hold. Use DistributedDataParallel, "
                     "which OHO supports with no change to the training loop."
                 )
+        zero_weight_decay_asked = hyper_groups.asks_zero_weight_decay(param_group, self.defaults.get("tune"))
+        super().add_param_group(param_group)
+        try:
+            if not zero_weight_decay_asked:
+                hyper_groups.drop_zero_weight_decay_(self.param_groups[-1])
+            self._check_group(self.param_groups[-1])
+            hyper_groups.check_label(self.param_groups[-1])
+            hyper_groups.check_shared_values(self.param_groups)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        hyper_groups.refresh_effective_lr_(self.param_groups[-1:])
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Everything the optimizer holds (torch.optim keeps only defaults, state and param_groups), so
+        that ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that continues exactly
+        like this one. Registered hooks are left out, as torch.optim does; the buffer snapshots' memory
+        is re-allocated on the copy's first step."""
+        state = {key: value for key, value in self.__dict__.items()
+                 if not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
+        state["_buffer_storage"] = {}
+        return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -319,10 +432,47 @@ class OHO(Optimizer):
 
     def _keys(self) -> List[TangentKey]:
         """The tangent keys, fixed at the first step (see :mod:`ohotorch.influence`)."""
-        if self._bookkeeping.keys is None:
-            self._bookkeeping.keys = influence.tangent_keys(self.param_groups, influence=self.influence,
-                                                            discount=self.discount)
-        return self._bookkeeping.keys
+        keys = self._layout(True)
+        self._commit_layout(keys)
+        return keys
+
+    @contextlib.contextmanager
+    def _watch_unseen_buffers(self) -> Iterator[None]:
+        """Without ``module``, watch OHO's own closure evaluations (of the first few steps and hyper-steps)
+        for modules whose buffers, or their submodules', change (BatchNorm's running statistics in training
+        mode; the version counters tell, nothing is copied), and warn once: those evaluations update them
+        again, which ``module=`` would prevent. Global module hooks see torch.compile'd models too (as one
+        module) and cause no recompilation."""
+        usage = self._usage
+        if self.module is not None or "buffers" in usage.warned or usage.buffer_watches >= BUFFER_WATCHES:
+            yield
+            return
+        usage.buffer_watches += 1
+        versions: Dict[int, List[int]] = {}
+        changed: List[str] = []
+
+        def before(module: nn.Module, args: Any) -> None:
+            versions[id(module)] = [b._version for b in module.buffers()]
+
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            seen = versions.pop(id(module), None)
+            if seen is not None and seen != [b._version for b in module.buffers()]:
+                changed.append(type(getattr(module, "_orig_mod", module)).__name__)  # torch.compile's wrapper
+
+        handles = [nn.modules.module.register_module_forward_pre_hook(before),
+                   nn.modules.module.register_module_forward_hook(after)]
+        try:
+            with warnings.catch_warnings():  # torch.compile'd modules warn that global hooks exist
+                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global")
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if changed:
+            usage.warn_once("buffers", (
+                f"OHO: the closure updates module buffers ({changed[0]}, e.g. BatchNorm running statistics) "
+                "in OHO's extra evaluations, so they absorb every Hessian-vector product and validation "
+                f"evaluation. Pass module=model to {type(self).__name__} to have them restored."))
 
     def _use_foreach(self, params: Sequence[Tensor]) -> bool:
         """The ``torch._foreach_*`` path, decided once per step: the option, else every parameter on CUDA."""
@@ -350,6 +500,17 @@ class OHO(Optimizer):
         batch, backward, return the loss. It is required while anything is tuned. Returns the loss of
         the first evaluation. Afterwards ``p.grad`` holds that evaluation's gradient, the RNG and the
         module's buffers are as one ordinary evaluation leaves them.
+
+        A closure that does not clear gradients (gradient accumulation) is supported: the step uses the
+        gradient it leaves (the earlier micro-batches' plus its own, as torch.optim does), and every
+        re-evaluation starts from the same earlier gradient, which cancels out of the finite differences:
+        the Hessian-vector products are those of the loss the closure itself computes.
+
+        Strong exception safety: if any closure evaluation raises (``KeyboardInterrupt`` included) or
+        returns no loss, ``step()`` leaves the weights, the optimizer state, the tangents, the RNG, the
+        module's buffers and ``p.grad`` (the same tensor objects) as they were before the call, bit for
+        bit. (With the greedy horizon the gradients' values are kept when the closure replaced them,
+        ``zero_grad()``'s default; a closure that zeroes them in place loses them as with torch.optim.)
         """
         self._refuse_grad_scaler()
         tuning = self._tuning()
@@ -364,85 +525,179 @@ class OHO(Optimizer):
                 "Hessian-vector products re-evaluate the training loss on the same batch (or pass tune=() to "
                 "tune nothing)"
             )
-        keys = self._keys() if tuning else []
+        keys = self._layout(tuning)  # not committed before the last closure evaluation
         self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
 
-        # (1) The influence before this step: discounted, or restarting from zero.
+        # (1) The influence before this step: discounted (applied in (3)), or restarting from zero.
         norms: List[float] = [0.0] * len(keys)
         weight_norm = 0.0
+        nonfinite: List[int] = []  # tangents that became non-finite: zeroed in (3)
         from_zero = False  # every tangent is zero before this step's update (greedy horizon or a reset)
         if tuning:
             reset = self.reset_every is not None and self._bookkeeping.steps % self.reset_every == 0
             from_zero = reset or self.discount == 0.0
             if not from_zero:
-                if self.discount < 1.0:
-                    influence.scale_tangents_(list(self.state.values()), self.discount)
-                norms, weight_norm = self._tangent_norms(keys)
+                norms, weight_norm, nonfinite = self._tangent_norms(keys)
         nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
 
-        # (2) The training evaluation, whose RNG and buffers every HVP evaluation replays.
-        replay = (RNGSnapshot().capture(), self._snapshot("before")) if nonzero else None
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-            if tuning:
-                check_loss(loss, "closure")
+        # (2) Every closure evaluation: the training one, whose gradients, RNG and buffers every HVP
+        # evaluation starts from, then the HVPs. Nothing of the user's or the optimizer's changes until all
+        # of them succeeded; on any exception, what the evaluations changed is put back.
+        rollback = StepRollback(self._all_params(), grad_values=bool(nonzero), buffers=self._snapshot("before"))
+        finite = True
+        hvps: Dict[int, Optional[List[Tensor]]] = {}
+        try:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+                if tuning:
+                    check_loss(loss, "closure")
+            active = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            for p in active:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            foreach = self._use_foreach(active)
+            if tuning and loss is not None:
+                finite = bool(torch.isfinite(torch.as_tensor(loss)).all())
+                if finite and nonzero:
+                    with self._watch_unseen_buffers():
+                        hvps = self._hessian_vector_products(closure, norms, weight_norm, nonzero, active,
+                                                             rollback, foreach)
+        except BaseException:
+            rollback.restore()
+            raise
+        del rollback
 
-        # (3) Per group: the parameters with a gradient (torch skips the others) and the rule's direction.
-        stepping = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        foreach = self._use_foreach(stepping)
+        # (3) Commit: the layout, the discount, the rule's state and direction per group (weights unmoved).
+        if tuning:
+            self._commit_layout(keys)
+            if not from_zero:
+                if self.discount < 1.0:
+                    influence.scale_tangents_(list(self.state.values()), self.discount)
+                for tangent_index in nonfinite:
+                    self._bookkeeping.nonfinite_influence += 1
+                    warnings.warn(f"OHO: the influence for {keys[tangent_index]} became non-finite and was reset "
+                                  "to zero")
+                    influence.zero_tangent_(list(self.state.values()), tangent_index)
         works: List[Any] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 works.append(None)
                 continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             states = [self._state_for(p, group, len(keys)) for p in params]
             works.append(self._rule.prepare(group, params, states, foreach))
 
         # (4) The influence.
         if tuning and loss is not None:
-            if not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            if not finite:
                 self._bookkeeping.nonfinite_influence += 1
                 warnings.warn("OHO: non-finite training loss; the influence was left unchanged this step")
                 if from_zero:
                     influence.zero_tangents_(list(self.state.values()))  # what the horizon left of it: nothing
             else:
-                self._advance_influence(closure, keys, norms, weight_norm, nonzero, works, replay, from_zero,
-                                        foreach)
+                self._advance_influence(keys, hvps, works, from_zero)
 
         # (5) Move the weights.
         for group, work in zip(self.param_groups, works):
             if work is not None:
                 self._rule.apply(group, work)
         self._bookkeeping.steps += 1
+        self._note_step(tuning)
         return loss
 
-    def _tangent_norms(self, keys: Sequence[TangentKey]) -> Tuple[List[float], float]:
-        """(||w'_k|| for every tangent, ||w||) in one host sync; a non-finite tangent is reset to zero."""
+    def _layout(self, tuning: bool) -> List[TangentKey]:
+        """The tangent keys: those fixed at the first step, or the ones the first step will fix.
+
+        Refuses a ``tune`` edited since the layout was fixed (the tangents were laid out for the old one).
+        """
+        fixed = self.__dict__.get("_fixed_tune")
+        if fixed is not None:
+            current = [self._canonical_tune(group["tune"]) for group in self.param_groups]
+            if current != fixed:
+                raise ValueError(
+                    f"param_groups' tune changed after the first step ({fixed} -> {current}): the influence is "
+                    "laid out for the tuned names of the first step. Build a new optimizer (or load a "
+                    "state_dict saved with the new tune) to tune other names."
+                )
+        if not tuning:
+            return []
+        if self._bookkeeping.keys is not None:
+            return self._bookkeeping.keys
+        return influence.tangent_keys(self.param_groups, influence=self.influence, discount=self.discount)
+
+    def _note_step(self, tuning: bool) -> None:
+        usage = self._usage
+        usage.hyper_stepped = False
+        usage.steps_without_hyper_step += 1
+        if tuning and usage.steps_without_hyper_step >= STEPS_WITHOUT_HYPER_STEP:
+            usage.warn_once("no hyper_step", (
+                f"OHO: {usage.steps_without_hyper_step} steps with tuning on and no hyper_step: the "
+                "hyperparameters move only in hyper_step(val_closure) (call it after each step, or every k "
+                "steps). Pass tune=() for plain SGD / Adam."))
+
+    def _commit_layout(self, keys: List[TangentKey]) -> None:
+        if self._bookkeeping.keys is None:
+            self._bookkeeping.keys = keys
+        if self.__dict__.get("_fixed_tune") is None:
+            self._fixed_tune = [self._canonical_tune(group["tune"]) for group in self.param_groups]
+
+    def _tangent_norms(self, keys: Sequence[TangentKey]) -> Tuple[List[float], float, List[int]]:
+        """(||gamma w'_k|| for every tangent, ||w||, the non-finite tangents) in one host sync.
+
+        Nothing is written: a non-finite tangent reads as norm 0 here and is reset to zero by the commit.
+        """
         pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
         if not keys or not pairs:
-            return [0.0] * len(keys), 0.0
+            return [0.0] * len(keys), 0.0, []
         norms, weight_norm = influence.tangent_norms(pairs, len(keys))
-        for tangent_index, norm in enumerate(norms):
-            if not math.isfinite(norm):
-                self._bookkeeping.nonfinite_influence += 1
-                warnings.warn(f"OHO: the influence for {keys[tangent_index]} became non-finite and was reset to zero")
-                influence.zero_tangent_(list(self.state.values()), tangent_index)
-                norms[tangent_index] = 0.0
+        norms = [norm * self.discount for norm in norms]  # the discount is applied at the commit
+        nonfinite = [index for index, norm in enumerate(norms) if not math.isfinite(norm)]
+        for tangent_index in nonfinite:
+            norms[tangent_index] = 0.0
         self.diagnostics["influence_norm"] = {influence.key_name(self.param_groups, key): norm
                                               for key, norm in zip(keys, norms)}
-        return norms, weight_norm
+        return norms, weight_norm, nonfinite
 
-    def _advance_influence(self, closure: Closure, keys: List[TangentKey], norms: List[float],
-                           weight_norm: float, nonzero: List[int], works: List[Any],
-                           replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]], from_zero: bool,
-                           foreach: bool) -> None:
-        """Advance every tangent by one step of the rule; an HVP for each tangent in ``nonzero``."""
+    def _hessian_vector_products(self, closure: Closure, norms: List[float], weight_norm: float,
+                                 nonzero: List[int], active: List[Tensor], rollback: StepRollback,
+                                 foreach: bool) -> Dict[int, Optional[List[Tensor]]]:
+        """H_t (gamma w'_k) over the ``active`` parameters for every tangent ``k`` in ``nonzero`` (``None``
+        where it is not finite), changing nothing: the isolation puts weights, grads, RNG and buffers
+        back. All of them are computed before anything is committed (K of them alive at once)."""
+        rel = self.fd_rel if self.fd_rel is not None else relative_step(
+            self.compute_dtype or active[0].dtype, self.hvp)
+        train_grads = [p.grad for p in active]
+        hvps: Dict[int, Optional[List[Tensor]]] = {}
+        with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
+                              replay=(rollback.rng, rollback.buffers), start=rollback.grads.starts(),
+                              foreach=foreach) as isolation:
+            for tangent_index in nonzero:
+                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
+                tangent = self._discounted_tangent(active, tangent_index)
+                hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp)
+                del tangent
+                finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum()))  # one sync
+                hvps[tangent_index] = hvp if finite else None
+        return hvps
+
+    def _discounted_tangent(self, active: List[Tensor], tangent_index: int) -> List[Tensor]:
+        """gamma w'_k in the parameters' dtypes (zero for a parameter without a tangent yet), the stored
+        tangent untouched: the same values the commit's in-place discount gives it."""
+        stored = [self.state[p]["tangent_w"][tangent_index] if "tangent_w" in self.state.get(p, {}) else None
+                  for p in active]
+        if self.discount < 1.0:
+            present = [t for t in stored if t is not None]
+            scaled = iter(torch._foreach_mul(present, self.discount) if present else [])
+            stored = [next(scaled) if t is not None else None for t in stored]
+        return [torch.zeros_like(p) if t is None else t.to(p.dtype) for p, t in zip(active, stored)]
+
+    def _advance_influence(self, keys: List[TangentKey], hvps: Dict[int, Optional[List[Tensor]]],
+                           works: List[Any], from_zero: bool) -> None:
+        """Advance every tangent by one step of the rule: with its HVP where ``hvps`` has one (over the
+        parameters with a gradient, in group order), else from zero (``from_zero``) or with a zero HVP
+        (a zero tangent). A tangent whose HVP was not finite is left as it is (discounted) this step."""
         stepping_groups = [(group_index, group, work)
                            for group_index, (group, work) in enumerate(zip(self.param_groups, works))
                            if work is not None]
@@ -452,7 +707,6 @@ class OHO(Optimizer):
             # others (no gradient this step) must read zero too.
             ids = {id(p) for p in active}
             influence.zero_tangents_([s for p, s in self.state.items() if id(p) not in ids])
-        train_grads = [p.grad for p in active]
 
         def update(tangent_index: int, hvp: Optional[List[Tensor]]) -> None:
             """Advance one tangent in every group; ``hvp`` spans all active params (None: from zero)."""
@@ -471,27 +725,18 @@ class OHO(Optimizer):
                 offset += n
 
         for tangent_index in range(len(keys)):
-            if tangent_index not in nonzero:
+            if tangent_index not in hvps:
                 update(tangent_index, None)
-        if not nonzero:
-            return
-        rel = self.fd_rel if self.fd_rel is not None else relative_step(
-            self.compute_dtype or active[0].dtype, self.hvp)
-        with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
-                              replay=replay, foreach=foreach) as isolation:
-            for tangent_index in nonzero:
-                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
-                tangent = [self.state[p]["tangent_w"][tangent_index].to(p.dtype) for p in active]
-                hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp)
-                del tangent
-                if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum())):  # one sync
-                    self._bookkeeping.nonfinite_influence += 1
-                    warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[tangent_index]}; that "
-                                  "tangent was left unchanged this step")
-                    continue
-                # The tangent is updated at once (no other HVP reads it): one HVP alive at a time.
-                update(tangent_index, hvp)
-                del hvp
+                continue
+            hvp = hvps.pop(tangent_index)
+            if hvp is None:
+                self._bookkeeping.nonfinite_influence += 1
+                warnings.warn(f"OHO: non-finite Hessian-vector product for {keys[tangent_index]}; that "
+                              "tangent was left unchanged this step")
+                continue
+            # Each tangent is updated as soon as its turn comes (no other update reads its HVP).
+            update(tangent_index, hvp)
+            del hvp
 
     # ------------------------------------------------------------------ hypergradients
     def hypergradient(self, val_closure: Closure) -> List[Dict[str, Tensor]]:
@@ -515,8 +760,14 @@ class OHO(Optimizer):
         if not keys:
             return [{} for _ in self.param_groups], None
         params = self._all_params()
-        with ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
+        with self._watch_unseen_buffers(), ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
             loss, val_grads = isolation.evaluate(val_closure, "val_closure")
+        if all(grad is None for grad in val_grads):
+            raise RuntimeError(
+                "val_closure left no gradient on any parameter: it must call backward on the validation loss "
+                "(outside torch.no_grad), or every hypergradient would read 0"
+            )
+        self._usage.steps_without_hyper_step = 0
         hyper = influence.contract(self.param_groups, self.state, keys,
                                    {id(p): grad for p, grad in zip(params, val_grads)})
         return hyper, loss
@@ -533,6 +784,13 @@ class OHO(Optimizer):
         hypergradients.
         """
         hyper, loss = self._hypergradient(val_closure)
+        usage = self._usage
+        if usage.hyper_stepped:
+            usage.warn_once("hyper_step twice", (
+                "OHO: hyper_step called again without a step in between: it applies another meta-update "
+                "with the same influence, i.e. the same hypergradient direction twice. Call hyper_step once "
+                "after each step (or every k steps)."))
+        usage.hyper_stepped = True
         owners = hyper_groups.leaders(self.param_groups)  # one meta-update per hyper variable
         flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()
                 if owners[index][name] == index]
@@ -542,8 +800,15 @@ class OHO(Optimizer):
         loss_sum = torch.as_tensor(loss).detach().double().sum().to(device)
         *values, loss_value = torch.stack([h.detach().double() for _, _, h in flat] + [loss_sum]).tolist()
         hypergradients = [(index, name, value) for (index, name, _), value in zip(flat, values)]
-        outcome = meta.meta_update_(self.param_groups, hypergradients, loss_value, self._bookkeeping.meta_state,
-                                    self._meta_config())
+        with warnings.catch_warnings():
+            for index, name, _ in hypergradients:  # a value set from outside: warned once per param group
+                written = self._bookkeeping.meta_state.get(f"{index}/{name}", {}).get("written")
+                if name == "lr" and written is not None and written != self.param_groups[index]["lr"]:
+                    if f"lr/{index}" in usage.warned:
+                        warnings.filterwarnings("ignore", message=f"OHO: the lr of param group {index} was changed")
+                    usage.warned.add(f"lr/{index}")
+            outcome = meta.meta_update_(self.param_groups, hypergradients, loss_value,
+                                        self._bookkeeping.meta_state, self._meta_config())
         if outcome == meta.NONFINITE_HYPERGRADIENT:
             self._bookkeeping.nonfinite_hypergradients += 1
             self.diagnostics["nonfinite_hypergradients"] = self._bookkeeping.nonfinite_hypergradients
@@ -597,12 +862,43 @@ class OHO(Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
-        state_dict["oho"] = self._bookkeeping.to_state()
+        state_dict["oho"] = {**self._bookkeeping.to_state(), "optimizer": type(self).__name__}
         return state_dict
 
+    def _refuse_other_family(self, state_dict: Mapping[str, Any],
+                             saved_bookkeeping: Optional[Mapping[str, Any]]) -> None:
+        """Refuse a state_dict of the other inner rule (SGD vs Adam) before anything is changed."""
+        adam_like = "betas" in self.defaults
+        saved_groups = state_dict.get("param_groups", [])
+        saved_adam_like = any("betas" in group for group in saved_groups)
+        if not saved_groups or saved_adam_like == adam_like:
+            return
+        source = (saved_bookkeeping or {}).get("optimizer") or (
+            "an Adam-family optimizer" if saved_adam_like else "an SGD-family optimizer")
+        raise ValueError(
+            f"{type(self).__name__}.load_state_dict: this state_dict was saved by {source}, whose state "
+            f"(momentum buffer vs Adam moments) and param group keys {type(self).__name__} cannot use. Load "
+            f"it into a {source} instead."
+        )
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch.optim's load_state_dict, plus OHO's bookkeeping (``state_dict["oho"]``).
+
+        A state_dict of plain torch.optim.SGD (into :class:`OHO`) or torch.optim.Adam / AdamW (into
+        :class:`ohotorch.OHOAdam` / :class:`ohotorch.OHOAdamW`) loads: the keys it lacks (``tune``,
+        ``lr_scale``, ...) keep this optimizer's values. One of the other inner rule (SGD into Adam or back)
+        is refused with a ValueError before anything changes.
+        """
         state_dict = dict(state_dict)
         saved_bookkeeping = state_dict.pop("oho", None)
+        self._refuse_other_family(state_dict, saved_bookkeeping)
+        if saved_bookkeeping is not None:
+            saved_bookkeeping = {k: v for k, v in saved_bookkeeping.items() if k != "optimizer"}
+        # Keys a foreign (torch.optim) state_dict lacks keep this optimizer's values, not the legacy defaults.
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) == len(self.param_groups):
+            state_dict["param_groups"] = [{**{k: v for k, v in group.items() if k != "params"}, **saved}
+                                          for group, saved in zip(self.param_groups, saved_groups)]
         # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
         tangent_dtypes = {idx: {key: t.dtype for key, t in s.items() if key.startswith("tangent_")}
                           for idx, s in state_dict.get("state", {}).items()}
@@ -617,6 +913,8 @@ class OHO(Optimizer):
         hyper_groups.refresh_effective_lr_(self.param_groups)
         if saved_bookkeeping is not None:
             self._bookkeeping = Bookkeeping.from_state(saved_bookkeeping)
+        self._fixed_tune = (None if self._bookkeeping.keys is None
+                            else [tuple(group["tune"]) for group in self.param_groups])
 
 
 def _option_property(name: str) -> property:

@@ -90,6 +90,9 @@ class Rule(Protocol):
     def check_group(self, group: Group) -> None:
         """Validate a param group's values (raise ValueError / TypeError)."""
 
+    def check_complex(self) -> None:
+        """Accept complex parameters, or refuse them (raise ValueError)."""
+
     def companions(self, group: Group) -> Tuple[str, ...]:
         """State keys of the per-tangent companions of ``tangent_w`` (kept only with discount > 0)."""
 
@@ -136,6 +139,10 @@ class SGDRule:
                 "Cannot tune momentum from 0 with dampening != 0: torch.optim.SGD's update jumps at "
                 "momentum = 0 (no buffer) when dampening is set; start from momentum > 0 or dampening = 0"
             )
+
+    def check_complex(self) -> None:
+        """Complex parameters are supported, as by torch.optim.SGD: the update is linear, so a complex
+        parameter is its real and imaginary parts stepped together, and so is its (complex) tangent."""
 
     def companions(self, group: Group) -> Tuple[str, ...]:
         return ("tangent_b",) if self.uses_buffer(group) else ()
@@ -208,6 +215,13 @@ class AdamRule:
         beta1, beta2 = (real(b, "betas") for b in group["betas"])
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Invalid betas: {group['betas']} (each in [0, 1))")
+
+    def check_complex(self) -> None:
+        raise ValueError(
+            "OHOAdam / OHOAdamW do not support complex parameters (their tangents of the second moment are not "
+            "implemented for complex values); use torch.view_as_real parameters, or ohotorch.OHO (SGD), which "
+            "supports them."
+        )
 
     def companions(self, group: Group) -> Tuple[str, ...]:
         return ("tangent_m", "tangent_v")

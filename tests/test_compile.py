@@ -12,6 +12,7 @@ pays for inductor's C++ compilation (~10 s here with a cold cache); the others h
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Tuple
 
 import pytest
@@ -103,3 +104,24 @@ def test_finite_differences_do_not_recompile(data, model_fn, hvp):
     assert counters["frames"]["total"] == frames
     assert min(opt.diagnostics["influence_norm"].values()) > 0 and opt.counters["nonfinite_influence"] == 0
     assert opt.param_groups[0]["lr"] != 0.1  # the hyper-steps acted
+
+
+def test_buffer_watch_without_module_warns_once_and_does_not_recompile(data):
+    """Without module=, OHO watches its first extra evaluations with global module hooks for buffers
+    that change: on a compiled BatchNorm model they see the compiled module, warn once naming module=,
+    and neither their presence nor their removal recompiles."""
+    net = torch.compile(_batchnorm_mlp())
+    opt = ohotorch.OHO(net.parameters(), lr=0.1, momentum=0.9, discount=1.0)
+    (first, *rest), vals = data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(closures(opt, net, first))  # compiles
+        frames = counters["frames"]["total"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for train, val in zip(rest, vals):
+                opt.step(closures(opt, net, train))
+                opt.hyper_step(closures(opt, net, val))
+    assert counters["frames"]["total"] == frames
+    messages = [str(w.message) for w in caught]
+    assert len([m for m in messages if "module=" in m]) == 1, messages
+    assert not [m for m in messages if "global hooks" in m], messages

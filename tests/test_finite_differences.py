@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ohotorch.finite_differences import (LOW_PRECISION_STEP, BufferSnapshot, ClosureIsolation, check_loss, fd_hvp,
-                                         perturbation_scale, relative_step)
+from ohotorch.finite_differences import (LOW_PRECISION_STEP, BufferSnapshot, ClosureIsolation, GradSnapshot,
+                                         StepRollback, check_loss, fd_hvp, perturbation_scale, relative_step)
 
 
 def test_relative_step_and_scale():
@@ -174,3 +174,110 @@ def test_check_loss(loss, match):
         check_loss(loss, "closure")
     check_loss(torch.tensor(1.0), "closure")
     check_loss(1.5, "closure")
+
+
+def test_evaluations_start_from_the_given_gradients_and_differences_cancel_them():
+    """``start``: every evaluation gets fresh copies of the starting gradients, so a closure that
+    accumulates (no zero_grad) adds to the same point each time; the forward-difference HVP of such a
+    closure equals the one of a clearing closure, and the starting tensors are never written."""
+    model, params, loss_fn, closure = _setup()
+
+    def accumulating():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    earlier = [torch.full_like(p, 0.5) for p in params]  # an earlier micro-batch's gradient
+    for p, g in zip(params, earlier):
+        p.grad = g
+    snapshot = GradSnapshot(params, values=True)
+    accumulating()
+    start = snapshot.starts()  # the closure kept (added to) every gradient: all of them are starts
+    assert all(g is not None for g in start)
+    train = [p.grad.clone() for p in params]  # earlier + this batch
+    v = [torch.randn_like(p) for p in params]
+    with torch.no_grad(), ClosureIsolation(params, weights=params, start=start) as isolation:
+        got = fd_hvp(isolation, accumulating, v, train, eps=1e-6, scheme="forward")
+    for p in params:
+        p.grad = None
+    closure()
+    clean = [p.grad.clone() for p in params]
+    with torch.no_grad(), ClosureIsolation(params, weights=params) as isolation:
+        want = fd_hvp(isolation, closure, v, clean, eps=1e-6, scheme="forward")
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+    assert all(torch.equal(g, torch.full_like(g, 0.5)) for g in start)  # copies handed out, never these
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_step_rollback_restores_grads_rng_and_buffers(set_to_none):
+    """StepRollback with values: the same grad tensors with the same values (even when a closure zeroed
+    them in place), the RNG and the buffers, after a closure that changed all of them."""
+    model, params, loss_fn, closure = _setup(dropout=0.3)
+    closure()
+    grads = [p.grad for p in params]
+    values = [g.clone() for g in grads]
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    rollback = StepRollback(params, grad_values=True, buffers=BufferSnapshot(model.buffers()))
+    if set_to_none:
+        closure()
+    else:
+        for g in grads:
+            g.zero_()
+        loss_fn().backward()
+    torch.rand(3)
+    rollback.restore()
+    assert all(p.grad is g for p, g in zip(params, grads))
+    assert all(torch.equal(g, v) for g, v in zip(grads, values))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_grad_snapshot_without_values_restores_the_objects():
+    model, params, loss_fn, closure = _setup()
+    closure()
+    grads = [p.grad for p in params]
+    values = [g.clone() for g in grads]
+    snapshot = GradSnapshot(params, values=False)
+    closure()  # replaces the gradients (set_to_none): the kept ones are intact
+    snapshot.restore()
+    assert all(p.grad is g and torch.equal(g, v) for p, g, v in zip(params, grads, values))
+
+
+def test_zero_size_gradients_are_not_taken_for_aliases():
+    """Zero-size tensors all have data_ptr 0; they never count as written into a kept gradient."""
+    empty = nn.Parameter(torch.zeros(0, dtype=torch.float64))
+    w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    params = [w, empty]
+
+    def closure():
+        for p in params:
+            p.grad = None
+        loss = (w ** 2).sum() + empty.sum()
+        loss.backward()
+        return loss
+
+    closure()
+    kept = [p.grad for p in params]
+    with ClosureIsolation(params) as isolation:
+        _, grads = isolation.evaluate(closure, "closure")
+    assert grads[1].numel() == 0 and torch.equal(grads[0], 2 * w.detach())
+    assert all(p.grad is g for p, g in zip(params, kept))
+
+
+def test_starts_are_the_saved_values_only_where_the_closure_kept_the_gradient():
+    """A closure that replaced a gradient (set_to_none) does not depend on it: its re-evaluations start
+    cleared; where it kept the tensor (zeroed in place or accumulated) they start from the saved value."""
+    model, params, loss_fn, closure = _setup()
+    closure()
+    snapshot = GradSnapshot(params, values=True)
+    closure()  # replaces every gradient
+    assert snapshot.starts() == [None] * len(params)
+    snapshot.restore()
+    params[0].grad.zero_()  # keeps params[0]'s tensor; the others are replaced
+    for p in params[1:]:
+        p.grad = None
+    loss_fn().backward()
+    starts = snapshot.starts()
+    assert starts[0] is snapshot.values[0] and starts[1:] == [None] * (len(params) - 1)

@@ -85,8 +85,6 @@ def _warm(opt, model, train, val, steps=3):
 
 
 # ---------------------------------------------------------------------------------------- 1. strong guarantee
-@pytest.mark.xfail(strict=True, reason="reliability: an exception inside a finite-difference evaluation "
-                                       "leaves perturbed weights and advanced state")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("hvp", ["forward", "central"])
 @pytest.mark.parametrize("fail_at", [2, 3])
@@ -115,8 +113,6 @@ def test_exception_during_fd_evaluation_leaves_everything_unchanged(name, hvp, f
     assert_same(runs[0], runs[1])
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: KeyboardInterrupt / a closure returning None inside a "
-                                       "finite-difference evaluation corrupts weights and state")
 @pytest.mark.parametrize("kind", ["interrupt", "none"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_interrupt_or_missing_loss_during_fd_evaluation_leaves_everything_unchanged(name, kind):
@@ -164,7 +160,6 @@ def _roundtrip(obj, how):
     return torch.load(buf, weights_only=False)
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: deepcopy / pickle / torch.save drop every OHO attribute")
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_copied_optimizer_continues_exactly_like_the_original(name, how):
@@ -193,8 +188,6 @@ def test_copied_optimizer_continues_exactly_like_the_original(name, how):
 
 
 # ---------------------------------------------------------------------------------------- 3. discount on retry
-@pytest.mark.xfail(strict=True, reason="reliability: a failed step has already discounted the tangents; the "
-                                       "retry discounts them twice")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_retry_after_failed_first_evaluation_discounts_once(name):
     """0 < discount < 1: a step whose closure raises on its first call, then retried, equals one step."""
@@ -235,8 +228,6 @@ def _complex_val_loss_after(lr, train, val, steps):
         return float(F.cross_entropy(model(val[0]), val[1]))
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: complex parameters get real tangents (imaginary part "
-                                       "dropped) or a cast error")
 @pytest.mark.parametrize("discount", [0.0, 1.0])
 def test_complex_parameters_hypergradient_matches_finite_differences(discount):
     """Chosen behaviour: complex parameters are supported (torch.optim.SGD supports them), with the
@@ -295,7 +286,6 @@ def test_mixed_float64_float32_parameters_hypergradient():
 
 
 # ---------------------------------------------------------------------------------------- 6. SGD state_dict
-@pytest.mark.xfail(strict=True, reason="reliability: a torch.optim.SGD state_dict resets tune to the default")
 @pytest.mark.parametrize("tune", [(), ("lr", "momentum")])
 def test_sgd_state_dict_keeps_tune(tune):
     """Keys a foreign (torch.optim.SGD) state_dict lacks keep the values this OHO was built with."""
@@ -347,8 +337,6 @@ def test_one_outlier_validation_batch_does_not_freeze_tuning(factor):
 
 
 # ---------------------------------------------------------------------------------------- 8. no backward
-@pytest.mark.xfail(strict=True, reason="reliability: a validation closure without backward gives zero "
-                                       "hypergradients and counts a hyper-step")
 @pytest.mark.parametrize("kind", ["no_backward", "no_grad"])
 @pytest.mark.parametrize("method", ["hyper_step", "hypergradient"])
 def test_validation_closure_without_backward_is_refused(kind, method):
@@ -375,10 +363,9 @@ def test_validation_closure_without_backward_is_refused(kind, method):
 
 
 # ---------------------------------------------------------------------------------------- 9. accumulated grads
-@pytest.mark.xfail(strict=True, reason="reliability: a closure that does not zero grads makes the "
-                                       "finite-difference HVP -(accumulated gradient)/eps")
+@pytest.mark.parametrize("hvp", ["forward", "central"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_training_closure_without_zero_grad(name):
+def test_training_closure_without_zero_grad(name, hvp):
     """Full horizon; before step 4 p.grad holds an earlier micro-batch's gradient (gradient accumulation)
     and the closure does not zero grads. Either step() refuses with an error naming zero_grad, or the
     hypergradient afterwards is that of the same step with a zeroing closure (within 5%): the
@@ -388,7 +375,7 @@ def test_training_closure_without_zero_grad(name):
     hyper = []
     for accumulate in (False, True):
         model = mlp((64, 8, 10))
-        opt = OPTIMIZERS[name](model.parameters(), discount=1.0, meta_lr=0.0)
+        opt = OPTIMIZERS[name](model.parameters(), discount=1.0, meta_lr=0.0, hvp=hvp)
         _warm(opt, model, train, val)
         x, y = train[3]
         if accumulate:
@@ -411,8 +398,6 @@ def test_training_closure_without_zero_grad(name):
 
 
 # ---------------------------------------------------------------------------------------- 10. step / hyper_step pairing
-@pytest.mark.xfail(strict=True, reason="reliability: a second hyper_step after one step re-applies the same "
-                                       "hypergradient silently")
 def test_two_hyper_steps_after_one_step_warn_once():
     """Chosen behaviour: a UserWarning naming hyper_step the first time, none the next times."""
     xt, yt, xv, yv = digits()
@@ -429,8 +414,6 @@ def test_two_hyper_steps_after_one_step_warn_once():
     assert len(relevant) == 1, [str(w.message) for w in caught]
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: stepping with tuning on and never calling hyper_step "
-                                       "tunes nothing, silently")
 def test_steps_without_hyper_step_warn_once():
     """Chosen behaviour: within 100 steps with tuning on and no hyper_step, exactly one UserWarning
     naming hyper_step; none with tune=()."""
@@ -448,8 +431,6 @@ def test_steps_without_hyper_step_warn_once():
 
 
 # ---------------------------------------------------------------------------------------- 11. buffers without module=
-@pytest.mark.xfail(strict=True, reason="reliability: BatchNorm statistics absorb the extra evaluations with no "
-                                       "signal when module= is not given")
 def test_buffers_without_module_warn_once_or_are_restored():
     """A BatchNorm model without module=, full horizon: either its buffers end each step as with
     module= (OHO found them itself), or exactly one UserWarning naming module= is raised over 3 steps.
@@ -484,8 +465,6 @@ class WithEmpty(nn.Module):
         return out if self.empty is None else out + self.empty.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: a zero-size parameter (data_ptr 0) makes hyper_step fail "
-                                       "with 'please report this setup'")
 @pytest.mark.parametrize("discount", [0.0, 1.0])
 def test_zero_size_parameter(discount):
     """A zero-size parameter changes nothing: same hypergradients as without it, grads restored."""
@@ -504,7 +483,6 @@ def test_zero_size_parameter(discount):
 
 
 # ---------------------------------------------------------------------------------------- 13. add_param_group
-@pytest.mark.xfail(strict=True, reason="reliability: add_param_group appends the group before validating it")
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_rejected_param_group_is_not_added(name):
     """After add_param_group's ValueError (lr = -1) the optimizer has its old groups only."""
@@ -520,7 +498,6 @@ class FlatParameter(nn.Parameter):
     """Looks like FSDP1's flat parameter to OHO's refusal (only the type name matters)."""
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: the FSDP refusal happens after the group was appended")
 def test_refused_sharded_group_is_not_added():
     torch.manual_seed(0)
     a = nn.Linear(4, 2).double()
@@ -555,14 +532,12 @@ def test_huge_meta_lr_never_overflows(meta):
 
 
 # ---------------------------------------------------------------------------------------- 15. misc
-@pytest.mark.xfail(strict=True, reason="reliability: a parameter listed twice is accepted (torch only warns)")
 def test_parameter_listed_twice_is_refused():
     p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="(?i)duplicate|twice"):
         ohotorch.OHO([p, p], lr=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: OHO <-> OHOAdam state_dicts fail with a KeyError")
 @pytest.mark.parametrize("source,target", [("OHO", "OHOAdam"), ("OHOAdam", "OHO")])
 def test_state_dict_of_the_other_optimizer_is_refused_clearly(source, target):
     """Chosen behaviour: a ValueError naming both classes, and the target unchanged."""
@@ -592,7 +567,6 @@ def test_cycle_refuses_a_one_pass_iterator():
         next(ohotorch.cycle([]))
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: editing group['tune'] after the first step is ignored")
 def test_tune_edited_after_first_step_is_refused():
     """Chosen behaviour: the influence layout is fixed at the first step, so the next step raises a
     ValueError naming tune and changes nothing."""
@@ -608,7 +582,6 @@ def test_tune_edited_after_first_step_is_refused():
     assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: bounds that exclude the initial value are accepted")
 @pytest.mark.parametrize("where", ["constructor", "add_param_group"])
 def test_bounds_excluding_initial_value_are_refused(where):
     torch.manual_seed(0)
@@ -623,7 +596,6 @@ def test_bounds_excluding_initial_value_are_refused(where):
         assert len(opt.param_groups) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: a manual lr write every step warns every step")
 def test_manual_lr_write_warns_once_per_group():
     """An lr written from outside before every hyper_step: one warning per param group, not per step."""
     xt, yt, xv, yv = digits()
@@ -639,3 +611,160 @@ def test_manual_lr_write_warns_once_per_group():
             opt.hyper_step(val)
     relevant = [str(w.message) for w in caught if "changed from outside" in str(w.message)]
     assert len(relevant) == 2, relevant
+
+
+# ---------------------------------------------------------------------------------------- further checks
+class DropoutBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3),
+                                 nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("kind", ["runtime", "interrupt", "none"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_greedy_failure_restores_grad_objects_rng_and_buffers(name, kind):
+    """Greedy horizon: a training closure that clears grads (zero_grad's set_to_none default), updates
+    BatchNorm statistics and draws dropout masks, then fails (or returns None): p.grad is the same
+    tensor with the same values as before, and RNG and buffers are restored too."""
+    xt, yt, xv, yv = digits()
+    train, val = batches(xt, yt, 32, 5), batches(xv, yv, 64, 5, seed=5)
+    torch.manual_seed(0)
+    model = DropoutBN().double()
+    opt = OPTIMIZERS[name](model.parameters(), module=model)
+    _warm(opt, model, train, val)
+    grads = [p.grad for p in model.parameters()]
+    before = everything(model, opt)
+    x, y = train[3]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if kind == "runtime":
+            raise RuntimeError("boom")
+        if kind == "interrupt":
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises({"runtime": RuntimeError, "interrupt": KeyboardInterrupt, "none": TypeError}[kind]):
+        opt.step(closure)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert_same(before, everything(model, opt))
+
+
+def test_complex_parameters_are_refused_by_adam():
+    w = nn.Parameter(torch.zeros(3, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="complex"):
+        ohotorch.OHOAdam([w])
+    opt = ohotorch.OHOAdam([nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [w]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("target", ["OHO", "OHOAdam"])
+def test_torch_optim_state_dict_of_the_other_rule_is_refused(target):
+    """torch.optim.Adam into OHO (or SGD into OHOAdam): refused before anything changes; the matching
+    torch.optim state_dict loads and keeps this optimizer's tune."""
+    xt, yt, _, _ = digits()
+    model = mlp((64, 8, 10))
+    other = torch.optim.Adam if target == "OHO" else torch.optim.SGD
+    same = torch.optim.SGD if target == "OHO" else torch.optim.Adam
+    dst = OPTIMIZERS[target](model.parameters(), tune=("lr",))
+    dst.step(closures(dst, model, batches(xt, yt, 32, 1)[0]))
+    before = copy.deepcopy(dst.state_dict())
+    foreign = other(model.parameters(), lr=0.01)
+    foreign.step(closures(foreign, model, batches(xt, yt, 32, 1)[0]))
+    with pytest.raises(ValueError, match=target):
+        dst.load_state_dict(foreign.state_dict())
+    assert_same(before, dst.state_dict())
+    matching = same(model.parameters(), lr=0.01)
+    matching.step(closures(matching, model, batches(xt, yt, 32, 1)[0]))
+    dst.load_state_dict(matching.state_dict())
+    assert dst.param_groups[0]["tune"] == ("lr",) and dst.param_groups[0]["lr"] == 0.01
+
+
+def test_ordinary_use_gives_none_of_the_misuse_warnings():
+    """One hyper_step after every step (or every 10 steps), BatchNorm with module=: no warning at all."""
+    xt, yt, xv, yv = digits()
+    for every in (1, 10):
+        model = bn_net()
+        opt = ohotorch.OHO(model.parameters(), lr=0.05, momentum=0.9, discount=1.0, module=model)
+        val = closures(opt, model, (xv, yv))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t, b in enumerate(batches(xt, yt, 16, 60)):
+                opt.step(closures(opt, model, b))
+                if t % every == 0:
+                    opt.hyper_step(val)
+        assert not [str(w.message) for w in caught], every
+
+
+def test_buffers_changed_in_validation_without_module_warn_once():
+    """Greedy horizon, no module=, a validation closure that runs BatchNorm in training mode: one
+    warning naming module= (its statistics absorb the validation batches); none in eval mode."""
+    xt, yt, xv, yv = digits()
+    counts = []
+    for train_mode in (True, False):
+        model = bn_net()
+        opt = ohotorch.OHO(model.parameters(), lr=0.05)
+
+        def val_closure():
+            model.train(train_mode)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xv), yv)
+            loss.backward()
+            model.train()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in batches(xt, yt, 32, 5):
+                opt.step(closures(opt, model, b))
+                opt.hyper_step(val_closure)
+        counts.append(len([w for w in caught if "module=" in str(w.message)]))
+    assert counts == [1, 0]
+
+
+def test_tune_check_survives_a_state_dict_round_trip():
+    """After load_state_dict the layout of the checkpoint is fixed: editing tune is still refused, and
+    an unedited optimizer keeps stepping."""
+    xt, yt, _, _ = digits()
+    train = batches(xt, yt, 32, 3)
+    model = mlp((64, 8, 10))
+    opt = ohotorch.OHO(model.parameters(), lr=0.05, tune=("lr", "weight_decay"))
+    opt.step(closures(opt, model, train[0]))
+    opt2 = ohotorch.OHO(model.parameters(), lr=0.05, tune=("lr", "weight_decay"))
+    opt2.load_state_dict(opt.state_dict())
+    opt2.step(closures(opt2, model, train[1]))
+    opt2.param_groups[0]["tune"] = ("weight_decay",)
+    with pytest.raises(ValueError, match="tune"):
+        opt2.step(closures(opt2, model, train[2]))
+
+
+@pytest.mark.parametrize("hvp", ["forward", "central"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_discount_applied_at_the_commit_equals_scaling_the_tangents_first(name, hvp):
+    """The discount is applied after the last closure evaluation (HVPs of the discounted tangents taken
+    from scaled copies): the same influence as scaling every tangent by gamma before a full-horizon
+    step, to rounding."""
+    xt, yt, xv, yv = digits()
+    train, val = batches(xt, yt, 32, 5), (xv[:256], yv[:256])
+    hyper = []
+    for by_hand in (False, True):
+        model = mlp((64, 8, 10))
+        opt = OPTIMIZERS[name](model.parameters(), discount=1.0 if by_hand else 0.5, hvp=hvp, meta_lr=0.0)
+        for b in train:
+            if by_hand:
+                for state in opt.state.values():
+                    for key, tensor in state.items():
+                        if key.startswith("tangent_"):
+                            tensor.mul_(0.5)
+            opt.step(closures(opt, model, b))
+        hyper.append({k: float(v) for k, v in opt.hypergradient(closures(opt, model, val))[0].items()})
+    for k in hyper[0]:
+        assert relative_error(hyper[0][k], hyper[1][k]) < 1e-8, (k, hyper)
