@@ -103,27 +103,39 @@ def summarise(path: str) -> Dict[str, Any]:
 
 
 def _figure(runs, tasks, path: str, methods=None) -> None:
+    """One panel per (task, candidate), 5 columns; lr (solid) and weight decay (dotted, right axis
+    omitted: same log scale) per run; y clipped to [1e-6, 10] so a collapse to ~0 shows as the floor."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     methods = methods or [m for m in dict.fromkeys(r["method"] for r in runs) if m not in ("fixed", "cosine")]
-    fig, axes = plt.subplots(len(tasks), len(methods), figsize=(2.2 * len(methods), 2.4 * len(tasks)),
-                             squeeze=False, sharey="row")
+    cols = 5
+    rows_per_task = -(-len(methods) // cols)
+    fig, axes = plt.subplots(rows_per_task * len(tasks), cols, figsize=(3.0 * cols, 2.1 * rows_per_task * len(tasks)),
+                             squeeze=False)
     colours = {1e-3: "tab:blue", 1e-2: "tab:orange", 1e-1: "tab:green"}
     for i, task in enumerate(tasks):
-        for j, method in enumerate(methods):
-            ax = axes[i][j]
+        for j in range(rows_per_task * cols):
+            ax = axes[i * rows_per_task + j // cols][j % cols]
+            if j >= len(methods):
+                ax.axis("off")
+                continue
+            method = methods[j]
             for r in runs:
                 if r["task"] == task and r["method"] == method:
                     c = r["curve"]
-                    ax.plot(c["step"], c["lr"], color=colours.get(r["lr0"], "k"), lw=0.8,
+                    colour = colours.get(r["lr0"], "k")
+                    ax.plot(c["step"], [max(v, 1e-6) for v in c["lr"]], color=colour, lw=0.8,
                             ls="--" if r["diverged"] else "-")
+                    ax.plot(c["step"], [max(v, 1e-6) for v in c["weight_decay"]], color=colour, lw=0.6, ls=":")
             ax.set_yscale("log")
-            ax.set_title(f"{task}: {method}", fontsize=7)
+            ax.set_ylim(1e-6, 10)
+            ax.set_title(f"{task}: {method}", fontsize=8)
             ax.tick_params(labelsize=6)
-    fig.suptitle("lr trajectories (colour: lr0 1e-3 / 1e-2 / 1e-1; dashed: diverged or at chance)", fontsize=8)
+    fig.suptitle("lr (solid; dashed: run diverged or ended at chance) and weight decay (dotted); "
+                 "colour: lr0 1e-3 / 1e-2 / 1e-1", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
