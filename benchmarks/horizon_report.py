@@ -1,8 +1,12 @@
-"""Tables and lr-trajectory figure from a ``horizon_study.py`` results file (runs.jsonl).
+"""Tables and lr-trajectory figure from ``horizon_study.py`` results files (runs.jsonl).
 
     python benchmarks/horizon_report.py benchmarks/results/horizon/runs.jsonl
+    python benchmarks/horizon_report.py MAIN/runs.jsonl FOLLOWUP/runs.jsonl   # follow-up runs, judged
+                                                                              # against MAIN's grids
 
-Writes ``summary.json``, ``summary.md`` and ``lr_trajectories.png`` beside the results file.
+Writes ``summary.json``, ``summary.md`` and ``lr_trajectories.png`` beside the LAST file given. Wall
+time ratios compare runs with the plain runs of their own file (other machines are not comparable):
+"-" where that file has none.
 """
 from __future__ import annotations
 
@@ -40,8 +44,13 @@ def _ms(values: List[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def summarise(path: str) -> Dict[str, Any]:
+def summarise(path: str, *extra: str) -> Dict[str, Any]:
     header, runs = _load(path)
+    for i, other in enumerate(extra):
+        for r in _load(other)[1]:
+            r["source"] = i + 1
+            runs.append(r)
+    path = extra[-1] if extra else path
     errors = [r for r in runs if "error" in r]
     runs = [r for r in runs if "error" not in r]
     tasks = sorted({r["task"] for r in runs})
@@ -54,14 +63,16 @@ def summarise(path: str) -> Dict[str, Any]:
     for task in tasks:
         mine = [r for r in runs if r["task"] == task]
         grid: Dict[str, Dict[float, List[float]]] = {}
-        walls: Dict[str, List[float]] = {}
+        plain_walls: Dict[int, List[float]] = {}
         for r in mine:
-            walls.setdefault(r["method"], []).append(r["wall_s"])
+            if r["method"] == "fixed":
+                plain_walls.setdefault(r.get("source", 0), []).append(r["wall_s"])
             if r["method"] in ("fixed", "cosine"):
                 grid.setdefault(r["method"], {}).setdefault(r["lr0"], []).append(_loss(r))
         best = {k: min((statistics.mean(v), lr) for lr, v in d.items()) for k, d in grid.items()}
         target = min(b[0] for b in best.values()) if best else None
-        plain_wall = statistics.median(walls.get("fixed", [float("nan")]))
+        plain = {k: statistics.median(v) for k, v in plain_walls.items()}
+        plain_wall = plain.get(0)
         t_out: Dict[str, Any] = {"grids": {k: {str(lr): v for lr, v in d.items()} for k, d in grid.items()},
                                  "best": {k: {"test_loss": b[0], "lr": b[1]} for k, b in best.items()},
                                  "plain_wall_s": plain_wall, "candidates": {}}
@@ -79,7 +90,8 @@ def summarise(path: str) -> Dict[str, Any]:
             median = statistics.median(losses)
             lrs = [r["final_lr"] for r in rs if r["final_lr"] is not None and math.isfinite(r["final_lr"])]
             div = sum(bool(r["diverged"]) for r in rs)
-            wall = statistics.median(r["wall_s"] for r in rs) / plain_wall if plain_wall == plain_wall else None
+            source = rs[0].get("source", 0)
+            wall = statistics.median(r["wall_s"] for r in rs) / plain[source] if source in plain else None
             ratio = median / target if target else None
             t_out["candidates"][method] = {
                 "by_lr0": {str(k): v for k, v in by_lr.items()}, "median": median, "ratio_to_best_grid": ratio,
@@ -87,9 +99,11 @@ def summarise(path: str) -> Dict[str, Any]:
                 "final_lr_max": max(lrs) if lrs else None, "wall_over_plain": wall,
                 "final_weight_decay": [r["final_weight_decay"] for r in rs]}
             cells = " | ".join(_ms(by_lr.get(lr, [])) for lr in (1e-3, 1e-2, 1e-1))
-            lines.append(f"| {method} | {cells} | {median:.4f} | {ratio:.2f}x | {div}/{len(rs)} | "
+            ratio_text = f"{ratio:.2f}x" if ratio is not None else "-"
+            wall_text = f"{wall:.2f}x" if wall is not None else "-"
+            lines.append(f"| {method} | {cells} | {median:.4f} | {ratio_text} | {div}/{len(rs)} | "
                          f"{min(lrs) if lrs else float('nan'):.3g}-{max(lrs) if lrs else float('nan'):.3g} | "
-                         f"{wall:.2f}x |")
+                         f"{wall_text} |")
         lines.append("")
         out["tasks"][task] = t_out
     base = os.path.dirname(path)
@@ -140,4 +154,4 @@ def _figure(runs, tasks, path: str, methods=None) -> None:
 
 
 if __name__ == "__main__":
-    summarise(sys.argv[1])
+    summarise(*sys.argv[1:])
