@@ -22,7 +22,7 @@ the RNG, the module's buffers and the weights as it found them, on success or on
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -172,8 +172,17 @@ class ClosureIsolation:
         self.weight_copies = clone_all(self.weights)
         return self
 
-    def perturb_(self, direction: Sequence[Tensor], scale: float) -> None:
-        """Set ``weights`` to their entry values plus ``scale * direction``."""
+    def perturb_(self, direction: Sequence[Tensor], scale: Union[float, Tensor]) -> None:
+        """Set ``weights`` to their entry values plus ``scale * direction`` (``scale`` a float, or a 0-d
+        tensor on the weights' device: then nothing is read on the host)."""
+        if isinstance(scale, Tensor):
+            if self.foreach:
+                torch._foreach_copy_(self.weights, self.weight_copies)
+                torch._foreach_add_(self.weights, torch._foreach_mul(list(direction), scale))
+            else:
+                for w, copy, v in zip(self.weights, self.weight_copies, direction):
+                    w.copy_(copy).add_(v * scale)
+            return
         if self.foreach:
             torch._foreach_copy_(self.weights, self.weight_copies)
             torch._foreach_add_(self.weights, list(direction), alpha=scale)
@@ -233,14 +242,18 @@ def fd_hvp(
     tangent: Sequence[Tensor],
     train_grads: Sequence[Tensor],
     *,
-    eps: float,
+    eps: Union[float, Tensor],
     scheme: str,
+    inverse: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """H v at the isolation's weights by finite differences of ``closure`` (``scheme``: forward or central).
 
     ``tangent`` is v, one tensor per entry of ``isolation.weights``; ``train_grads`` the gradient at the
     unperturbed weights (forward differences reuse it). Returns tensors of its own; the weights end at
     their saved values (by copy). foreach is the isolation's, decided once by its caller.
+
+    ``eps`` may be a 0-d tensor on the weights' device, with ``inverse`` = 1/eps (0 where eps is 0: a
+    tangent with nothing to perturb reads H v = 0): then nothing is read on the host.
     """
     index = {id(p): i for i, p in enumerate(isolation.params)}
     positions = [index[id(w)] for w in isolation.weights]
@@ -258,6 +271,17 @@ def fd_hvp(
     else:
         minus, scale = train_grads, eps
     isolation.restore_weights()  # exact: the perturbation is never undone arithmetically
+    if isinstance(scale, Tensor):
+        if inverse is None:
+            raise ValueError("fd_hvp: a tensor eps needs its inverse")
+        factor = inverse / 2.0 if scheme == "central" else inverse
+        if isolation.foreach:
+            torch._foreach_sub_(plus, list(minus))
+            torch._foreach_mul_(plus, factor)
+        else:
+            for a, b in zip(plus, minus):
+                a.sub_(b).mul_(factor)
+        return plus
     if isolation.foreach:
         torch._foreach_sub_(plus, list(minus))
         torch._foreach_div_(plus, scale)

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import meta
 
 __all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangents", "tangent_tensors",
-           "zero_tangents_", "scale_tangents_", "tangent_norms", "zero_tangent_", "contract"]
+           "zero_tangents_", "scale_tangents_", "tangent_norms", "tangent_norms_tensor", "zero_tangent_", "contract"]
 
 TangentKey = Tuple[Optional[int], str]
 
@@ -101,10 +101,17 @@ def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[
     """
     if not n_keys or not pairs:
         return [0.0] * n_keys, 0.0
-    lists = [[t[k] for _, t in pairs] for k in range(n_keys)] + [[p.detach() for p, _ in pairs]]
-    squares = [torch.stack(torch._foreach_norm(ts)).double().pow(2).sum() for ts in lists]
-    *norms, weight_norm = torch.stack(squares).sqrt().tolist()
+    *norms, weight_norm = tangent_norms_tensor(pairs, n_keys).tolist()
     return norms, weight_norm
+
+
+def tangent_norms_tensor(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tensor:
+    """:func:`tangent_norms` as one float64 tensor ``[||w'_0||, ..., ||w'_{K-1}||, ||w||]`` on the
+    parameters' device, read by nobody: no host sync. One ``_foreach_norm`` over all K + 1 lists."""
+    lists = [[t[k] for _, t in pairs] for k in range(n_keys)] + [[p.detach() for p, _ in pairs]]
+    flat = torch._foreach_norm([t for ts in lists for t in ts])
+    squares = torch.stack(flat).double().pow(2).view(n_keys + 1, len(pairs)).sum(1)
+    return squares.sqrt()
 
 
 def contract(

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import influence, meta
+from .deferred import Deferred, Readback, Record
 from .finite_differences import (BufferSnapshot, ClosureIsolation, RNGSnapshot, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
@@ -214,6 +215,21 @@ class OHO(Optimizer):
                           discount=discount, module=module, foreach=foreach)
         self._setup(params, defaults, options)
 
+    @property
+    def diagnostics(self) -> Dict[str, Any]:
+        """Diagnostics of the last step and hyper-step (on the sync-free path, reading them waits for
+        the device's results, which are otherwise read later)."""
+        self._report_deferred()
+        return self.__dict__.setdefault("_diagnostics", {})
+
+    @diagnostics.setter
+    def diagnostics(self, value: Dict[str, Any]) -> None:
+        self.__dict__["_diagnostics"] = value
+
+    def _diag(self) -> Dict[str, Any]:
+        """The diagnostics dict itself (writing into it reads nothing from the device)."""
+        return self.__dict__.setdefault("_diagnostics", {})
+
     def _setup(self, params: Iterable[Any], defaults: Dict[str, Any], options: Options) -> None:
         """Store the validated options, then let torch.optim build (and check) the param groups."""
         self.options = options
@@ -308,6 +324,79 @@ class OHO(Optimizer):
     def _all_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    # ------------------------------------------------------------------ the sync-free (device) path
+    # None: sync-free when every parameter that steps is on CUDA; True / False force it (tests run the
+    # device path on CPU tensors with True).
+    _sync_free: Optional[bool] = None
+
+    def _use_sync_free(self, params: Sequence[Tensor]) -> bool:
+        if self._sync_free is not None:
+            return bool(self._sync_free)
+        return bool(params) and all(p.is_cuda for p in params)
+
+    def _deferred(self) -> Deferred:
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is None:
+            deferred = self.__dict__["_deferred_results"] = Deferred()
+        return deferred
+
+    def _settle(self, before: Optional[int] = None) -> None:
+        """Apply the deferred results made before step count ``before`` (all of them when None):
+        hyperparameters into ``param_groups``, resets of non-finite tangents; see :meth:`hyper_step`."""
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is not None and deferred.records:
+            self._restart_outside_writes()
+            deferred.apply(before)
+
+    def _report_deferred(self) -> None:
+        """Counters, warnings and diagnostics of every deferred result (waits for them; applies nothing)."""
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is not None:
+            deferred.consume_all()
+
+    def _drop_device_meta(self) -> None:
+        """Forget the device copies of the tuned values (after load_state_dict: they are stale)."""
+        self.__dict__.pop("_device_meta", None)
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is not None:
+            deferred.discard()
+
+    def _restart_outside_writes(self) -> None:
+        """Values changed in ``param_groups`` since OHO last wrote them restart their device meta state."""
+        device_meta: Optional[meta.DeviceMeta] = self.__dict__.get("_device_meta")
+        if device_meta is None:
+            return
+        for i, (index, name) in enumerate(device_meta.entries):
+            value = float(self.param_groups[index][name])
+            previous = device_meta.written[i]
+            if value != previous:
+                device_meta.restart(i, value)
+                self._bookkeeping.meta_state.pop(f"{index}/{name}", None)
+                if name == "lr":
+                    warnings.warn(
+                        f"OHO: the lr of param group {index} was changed from outside since the last hyper_step "
+                        f"({previous} -> {value}); OHO continues from the new value. If a "
+                        "scheduler (e.g. ReduceLROnPlateau) sets it, tune 'lr_scale' instead of 'lr' so the "
+                        "two do not overwrite each other."
+                    )
+
+    def _device_meta_for(self, entries: List[Tuple[int, str]], device: torch.device) -> meta.DeviceMeta:
+        device_meta: Optional[meta.DeviceMeta] = self.__dict__.get("_device_meta")
+        if device_meta is not None and device_meta.entries == entries:
+            return device_meta
+        self._settle()
+        values, states = [], []
+        for index, name in entries:
+            value = float(self.param_groups[index][name])
+            state = self._bookkeeping.meta_state.get(f"{index}/{name}", {})
+            if state.get("written", value) != value:  # set from outside since the last hyper-step
+                state = {}
+            values.append(value)
+            states.append(state)
+        device_meta = meta.DeviceMeta(entries, values, states, self._meta_config(), device)
+        self.__dict__["_device_meta"] = device_meta
+        return device_meta
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:  # type: ignore[override]
@@ -332,10 +421,14 @@ class OHO(Optimizer):
                 "re-evaluate the training loss on the same batch (or pass tune=() for plain SGD)"
             )
         keys = self._keys() if tuning else []
+        sync_free = tuning and self._use_sync_free(self._all_params())
+        if sync_free:  # the results of hyper-steps before the last step reach param_groups now
+            self._settle(before=self._bookkeeping.steps)
 
         # (1) The influence before this step: discounted, or restarting from zero.
         norms: List[float] = [0.0] * len(keys)
         weight_norm = 0.0
+        scales: Optional[Tuple[Tensor, Tensor]] = None  # sync-free: (eps, 1/eps) per tangent, on the device
         from_zero = False  # every tangent is zero before this step's update (greedy horizon or a reset)
         if tuning:
             reset = self.reset_every is not None and self._bookkeeping.steps % self.reset_every == 0
@@ -343,8 +436,14 @@ class OHO(Optimizer):
             if not from_zero:
                 if self.discount < 1.0:
                     influence.scale_tangents_(list(self.state.values()), self.discount)
-                norms, weight_norm = self._tangent_norms(keys)
-        nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
+                if sync_free:
+                    scales = self._device_tangent_norms(keys)
+                else:
+                    norms, weight_norm = self._tangent_norms(keys)
+        if scales is not None:  # every tangent gets an HVP (a zero one costs its evaluation, reads 0)
+            nonzero = list(range(len(keys)))
+        else:
+            nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
 
         # (2) The training evaluation, whose RNG and buffers every HVP evaluation replays.
         replay = (RNGSnapshot().capture(), self._snapshot("before")) if nonzero else None
@@ -370,16 +469,17 @@ class OHO(Optimizer):
             states = [self._state_for(p, group, len(keys)) for p in params]
             works.append(self._rule.prepare(group, params, states, foreach))
 
-        # (4) The influence.
+        # (4) The influence. Sync-free, a non-finite loss is not looked at: it makes the tangents
+        # non-finite, which the deferred norm check of the next step resets (see _device_tangent_norms).
         if tuning and loss is not None:
-            if not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            if not sync_free and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
                 self._bookkeeping.nonfinite_influence += 1
                 warnings.warn("OHO: non-finite training loss; the influence was left unchanged this step")
                 if from_zero:
                     influence.zero_tangents_(list(self.state.values()))  # what the horizon left of it: nothing
             else:
                 self._advance_influence(closure, keys, norms, weight_norm, nonzero, works, replay, from_zero,
-                                        foreach)
+                                        foreach, scales)
 
         # (5) Move the weights.
         for group, work in zip(self.param_groups, works):
@@ -387,6 +487,53 @@ class OHO(Optimizer):
                 self._rule.apply(group, work)
         self._bookkeeping.steps += 1
         return loss
+
+    def _fd_rel(self, active: Sequence[Tensor]) -> float:
+        """The relative finite-difference step: the option, else that of ``compute_dtype``, else of the
+        coarsest parameter dtype present (float32 gradients need float32's step even beside float64)."""
+        if self.fd_rel is not None:
+            return self.fd_rel
+        if self.compute_dtype is not None:
+            return relative_step(self.compute_dtype, self.hvp)
+        dtypes = {p.dtype for p in active if p.is_floating_point()}
+        coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
+        return relative_step(coarsest, self.hvp)
+
+    def _device_tangent_norms(self, keys: Sequence[TangentKey]) -> Optional[Tuple[Tensor, Tensor]]:
+        """The perturbation scales (eps_k, 1/eps_k) on the device, with no host sync.
+
+        A zero or non-finite tangent gets eps = 1/eps = 0: its HVP perturbs nothing and reads zero. The
+        norms come back to the host later (:mod:`ohotorch.deferred`): the diagnostics, and the reset of a
+        non-finite tangent to zero, with its warning and count, at the start of the step after next.
+        """
+        pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
+        if not keys or not pairs:  # no tangent yet: nothing to perturb
+            return None
+        all_norms = influence.tangent_norms_tensor(pairs, len(keys))
+        norms, weight_norm = all_norms[:-1], all_norms[-1]
+        rel = self._fd_rel([p for p, _ in pairs])
+        usable = torch.isfinite(norms) & (norms > 0)
+        safe = torch.where(usable, norms, torch.ones_like(norms))
+        reach = rel * (1.0 + weight_norm)  # eps * ||w'|| (the perturbation's norm)
+        eps = torch.where(usable, reach / safe, torch.zeros_like(norms))
+        inverse = torch.where(usable, safe / reach, torch.zeros_like(norms))
+        names = [influence.key_name(self.param_groups, key) for key in keys]
+
+        def consume(values: List[float]) -> None:
+            for name, norm in zip(names, values):
+                if not math.isfinite(norm):
+                    self._bookkeeping.nonfinite_influence += 1
+                    warnings.warn(f"OHO: the influence for {name} became non-finite and was reset to zero")
+            self._diag()["influence_norm"] = {name: (norm if math.isfinite(norm) else 0.0)
+                                              for name, norm in zip(names, values)}
+
+        def apply(values: List[float]) -> None:
+            for index, norm in enumerate(values[:len(names)]):
+                if not math.isfinite(norm):
+                    influence.zero_tangent_(list(self.state.values()), index)
+
+        self._deferred().add(Record(self._bookkeeping.steps, Readback(all_norms), consume, apply))
+        return eps, inverse
 
     def _tangent_norms(self, keys: Sequence[TangentKey]) -> Tuple[List[float], float]:
         """(||w'_k|| for every tangent, ||w||) in one host sync; a non-finite tangent is reset to zero."""
@@ -400,14 +547,14 @@ class OHO(Optimizer):
                 warnings.warn(f"OHO: the influence for {keys[tangent_index]} became non-finite and was reset to zero")
                 influence.zero_tangent_(list(self.state.values()), tangent_index)
                 norms[tangent_index] = 0.0
-        self.diagnostics["influence_norm"] = {influence.key_name(self.param_groups, key): norm
+        self._diag()["influence_norm"] = {influence.key_name(self.param_groups, key): norm
                                               for key, norm in zip(keys, norms)}
         return norms, weight_norm
 
     def _advance_influence(self, closure: Closure, keys: List[TangentKey], norms: List[float],
                            weight_norm: float, nonzero: List[int], works: List[Any],
                            replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]], from_zero: bool,
-                           foreach: bool) -> None:
+                           foreach: bool, scales: Optional[Tuple[Tensor, Tensor]] = None) -> None:
         """Advance every tangent by one step of the rule; an HVP for each tangent in ``nonzero``."""
         stepping_groups = [(group_index, group, work)
                            for group_index, (group, work) in enumerate(zip(self.param_groups, works))
@@ -441,13 +588,20 @@ class OHO(Optimizer):
                 update(tangent_index, None)
         if not nonzero:
             return
-        rel = self.fd_rel if self.fd_rel is not None else relative_step(
-            self.compute_dtype or active[0].dtype, self.hvp)
+        rel = self._fd_rel(active)
         with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
                               replay=replay, foreach=foreach) as isolation:
             for tangent_index in nonzero:
-                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
                 tangent = [self.state[p]["tangent_w"][tangent_index].to(p.dtype) for p in active]
+                if scales is not None:  # sync-free: a non-finite HVP makes the tangent non-finite (reset later)
+                    eps_t, inverse = scales
+                    hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps_t[tangent_index],
+                                 inverse=inverse[tangent_index], scheme=self.hvp)
+                    del tangent
+                    update(tangent_index, hvp)
+                    del hvp
+                    continue
+                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
                 hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp)
                 del tangent
                 if not bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum())):  # one sync
@@ -500,26 +654,63 @@ class OHO(Optimizer):
         if not flat:
             return hyper
         device = flat[0][2].device
-        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device)
+        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device, non_blocking=True)
+        if self._use_sync_free(self._all_params()):
+            self._device_hyper_step(flat, loss_sum)
+            return hyper
         *values, loss_value = torch.stack([h.detach().double() for _, _, h in flat] + [loss_sum]).tolist()
         hypergradients = [(index, name, value) for (index, name, _), value in zip(flat, values)]
         outcome = meta.meta_update_(self.param_groups, hypergradients, loss_value, self._bookkeeping.meta_state,
                                     self._meta_config())
+        self._report_hyper_step(outcome, hypergradients, loss_value)
+        return hyper
+
+    def _report_hyper_step(self, outcome: str, hypergradients: Sequence[Tuple[int, str, float]],
+                           loss_value: float) -> None:
         if outcome == meta.NONFINITE_HYPERGRADIENT:
             self._bookkeeping.nonfinite_hypergradients += 1
-            self.diagnostics["nonfinite_hypergradients"] = self._bookkeeping.nonfinite_hypergradients
+            self._diag()["nonfinite_hypergradients"] = self._bookkeeping.nonfinite_hypergradients
             warnings.warn("OHO: non-finite validation loss or hypergradient; hyperparameters unchanged")
-            return hyper
+            return
         if outcome == meta.NONFINITE_RESULT:
             self._bookkeeping.nonfinite_hypergradients += 1
             warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
-            return hyper
+            return
         self._bookkeeping.hyper_steps += 1
-        self.diagnostics["val_loss"] = loss_value
-        self.diagnostics["hypergradient"] = {
+        self._diag()["val_loss"] = loss_value
+        self._diag()["hypergradient"] = {
             f"{self.param_groups[index].get('name', index)}/{name}": value for index, name, value in hypergradients
         }
-        return hyper
+
+    def _device_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor) -> None:
+        """The meta-update on the device (:class:`ohotorch.meta.DeviceMeta`); its result reaches
+        ``param_groups`` at the start of the second step after this one (see :meth:`hyper_step`)."""
+        entries = [(index, name) for index, name, _ in flat]
+        device_meta = self._device_meta_for(entries, loss_sum.device)
+        self._restart_outside_writes()
+        generations = list(device_meta.generation)
+        packed = device_meta.update(torch.stack([h.detach().double() for _, _, h in flat]), loss_sum)
+        n = len(entries)
+
+        def consume(values: List[float]) -> None:
+            finite_input, committed = values[-2] == 1.0, values[-1] == 1.0
+            outcome = (meta.COMMITTED if committed else
+                       meta.NONFINITE_RESULT if finite_input else meta.NONFINITE_HYPERGRADIENT)
+            hypergradients = [(index, name, h) for (index, name), h in zip(entries, values[4 * n:5 * n])]
+            self._report_hyper_step(outcome, hypergradients, values[5 * n])
+
+        def apply(values: List[float]) -> None:
+            if values[-1] != 1.0:
+                return
+            for i, (index, name) in enumerate(entries):
+                if device_meta.generation[i] != generations[i] or self.__dict__.get("_device_meta") is not device_meta:
+                    continue  # set from outside after this hyper-step: the outside value stands
+                theta, m, v, t = values[i], values[n + i], values[2 * n + i], values[3 * n + i]
+                self.param_groups[index][name] = theta
+                device_meta.written[i] = theta
+                self._bookkeeping.meta_state[f"{index}/{name}"] = {"m": m, "v": v, "t": t, "written": theta}
+
+        self._deferred().add(Record(self._bookkeeping.steps, Readback(packed), consume, apply))
 
     def _meta_config(self) -> meta.MetaConfig:
         return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
@@ -544,6 +735,7 @@ class OHO(Optimizer):
     @property
     def counters(self) -> Dict[str, int]:
         """Steps, hyper-steps, and how often a non-finite value was refused."""
+        self._report_deferred()
         book = self._bookkeeping
         return {"steps": book.steps, "hyper_steps": book.hyper_steps,
                 "nonfinite_hypergradients": book.nonfinite_hypergradients,
@@ -552,14 +744,17 @@ class OHO(Optimizer):
     @property
     def _oho(self) -> Dict[str, Any]:
         """The bookkeeping as saved under ``state_dict()["oho"]`` (a copy; read-only view for tools)."""
+        self._settle()
         return self._bookkeeping.to_state()
 
     def state_dict(self) -> Dict[str, Any]:
+        self._settle()  # every deferred result reaches param_groups and the meta state first
         state_dict = super().state_dict()
         state_dict["oho"] = self._bookkeeping.to_state()
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._drop_device_meta()
         state_dict = dict(state_dict)
         saved_bookkeeping = state_dict.pop("oho", None)
         # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
