@@ -347,7 +347,9 @@ def profile_steps(one_step: Any, indices: range, sync: Any, opt: torch.optim.Opt
         finally:
             torch.cuda.set_sync_debug_mode(0)
     sync()
-    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    sync_warnings = [w for w in caught if "synchronizing" in str(w.message)]
+    syncs = len(sync_warnings)
+    sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in sync_warnings})
     deferred = getattr(opt, "__dict__", {}).get("_deferred_results")
     waits_before = deferred.waits if deferred is not None else 0
     for i in indices:
@@ -356,7 +358,7 @@ def profile_steps(one_step: Any, indices: range, sync: Any, opt: torch.optim.Opt
     deferred = getattr(opt, "__dict__", {}).get("_deferred_results")
     waits = (deferred.waits - waits_before) if deferred is not None else 0
     return {"kernel_ms": kernel_us / 1e3 / n, "host_ms": max(step_us - blocked_us, 0.0) / 1e3 / n,
-            "blocked_ms": blocked_us / 1e3 / n, "syncs_per_step": syncs / n, "host_waits_per_step": waits / n,
+            "blocked_ms": blocked_us / 1e3 / n, "syncs_per_step": syncs / n, "sync_sites": sites, "host_waits_per_step": waits / n,
             "profiled_steps": n}
 
 
