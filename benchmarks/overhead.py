@@ -18,8 +18,9 @@ horizon rows that are now ``*_full``.
 
 and reports median milliseconds per step, the ratio to the matching plain step, and memory. Every
 variant sees the same batches, is warmed up, and is timed over ``iters`` steps with device
-synchronisation around each step (``--repeats R``: R interleaved passes over the variants, the median
-of the R passes).
+synchronisation only around the block of ``iters`` steps, as in a training loop (``--repeats R``: R
+interleaved passes over the variants, the median of the R passes). ``issue_ms``: the host's time to
+return from one step (and hyper-step) started on an idle device, a blocking sync included.
 
 **Where the time goes** (CUDA; ``--profile-steps N``, 0 turns it off). After the timed steps each
 variant runs N more steps (whole hyper-step cycles for ``_h10``) three times:
@@ -74,7 +75,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +272,6 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     frames_warmup = _frames_compiled()
-    times = []
     # h10 is timed over whole 10-step cycles so that the average includes its hyper-steps.
     steps = cfg.iters if every == 1 else max(cfg.iters // 10, 1) * 10
     start_index = warmup
@@ -282,21 +281,28 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
             one_step(i)
         sync()
         frames_warmup = _frames_compiled()
+    # One block of steps between two device synchronisations, as a training loop runs them: a step may
+    # overlap the next (the sync-free path never waits), so per-step synchronisation would hide that.
+    sync()
+    t0 = time.perf_counter()
     for i in range(start_index, start_index + steps):
-        t0 = time.perf_counter()
         one_step(i)
+    sync()
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    issue_ms = None
+    if cuda:  # the host's time to issue one step (and hyper-step) onto an idle device
         sync()
-        times.append(time.perf_counter() - t0)
-    if every > 1:  # mean over cycles: the hyper-step happens once per cycle
-        cycle_ms = [1e3 * sum(times[k:k + every]) / every for k in range(0, len(times), every)]
-        ms = statistics.median(cycle_ms)
-    else:
-        ms = 1e3 * statistics.median(times)
+        t0 = time.perf_counter()
+        one_step(start_index + steps)
+        issue_ms = 1e3 * (time.perf_counter() - t0)
+        sync()
     where: Dict[str, Any] = {}
     if cuda and cfg.profile_steps > 0 and not compiled:
         n_profile = cfg.profile_steps if every == 1 else max(cfg.profile_steps // every, 1) * every
         first = start_index + steps
-        where = profile_steps(one_step, range(first, first + n_profile), sync, opt)
+        where = profile_steps(one_step, range(first + every, first + every + n_profile), sync, opt)
+    if issue_ms is not None:
+        where["issue_ms"] = issue_ms
     size = param_bytes(model)
     result: Dict[str, Any] = {
         "variant": variant, "precision": precision, "compiled": compiled, "ms": ms,
@@ -332,7 +338,11 @@ def profile_steps(one_step: Any, indices: range, sync: Any, opt: torch.optim.Opt
                 one_step(i)
         sync()
     events = prof.events()
-    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    # Kernels, copies and fills; not the GPU-side spans of record_function annotations (this step's,
+    # torch.optim's "Optimizer.step#..."), which cover idle time too.
+    kernel_us = sum(e.self_device_time_total for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                    and e.name != "overhead_step" and not e.name.startswith("Optimizer."))
     step_us = sum(e.cpu_time_total for e in events if e.name == "overhead_step")
     blocked_us = sum(e.cpu_time_total for e in events if e.name in SYNC_CALLS)
     sync()
@@ -347,7 +357,7 @@ def profile_steps(one_step: Any, indices: range, sync: Any, opt: torch.optim.Opt
         finally:
             torch.cuda.set_sync_debug_mode(0)
     sync()
-    sync_warnings = [w for w in caught if "synchronizing" in str(w.message)]
+    sync_warnings = [w for w in caught if "called a synchronizing" in str(w.message)]
     syncs = len(sync_warnings)
     sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in sync_warnings})
     deferred = getattr(opt, "__dict__", {}).get("_deferred_results")
