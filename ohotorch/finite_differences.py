@@ -97,7 +97,7 @@ class BufferSnapshot:
             self.values = storage
             if self.targets:
                 with torch.no_grad():
-                    torch._foreach_copy_(self.values, [b.detach() for b in self.targets])
+                    torch._foreach_copy_(self.values, self.targets)
         else:
             self.values = clone_all(self.targets)
             if storage is not None:
@@ -114,7 +114,7 @@ def clone_all(tensors: List[Tensor]) -> List[Tensor]:
     copies = [torch.empty_like(t) for t in tensors]
     if copies:
         with torch.no_grad():
-            torch._foreach_copy_(copies, [t.detach() for t in tensors])
+            torch._foreach_copy_(copies, list(tensors))
     return copies
 
 
@@ -144,6 +144,8 @@ class ClosureIsolation:
         replay: ``(rng, buffers)`` to restore before every evaluation, so that each one sees the
             dropout masks and buffers of an earlier evaluation (``buffers`` may be ``None``).
         foreach: move the weights with ``torch._foreach_*`` ops (decided once by the caller).
+        weight_storage: a list the caller keeps between steps that lends the weight copies its memory
+            (as :class:`BufferSnapshot`'s ``storage``): no allocation per step.
     """
 
     def __init__(
@@ -154,8 +156,10 @@ class ClosureIsolation:
         buffers: Optional[BufferSnapshot] = None,
         replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]] = None,
         foreach: bool = False,
+        weight_storage: Optional[List[Tensor]] = None,
     ) -> None:
         self.params = list(params)
+        self.weight_storage = weight_storage
         self.weights = list(weights)
         self.buffers = buffers
         self.replay = replay
@@ -169,7 +173,7 @@ class ClosureIsolation:
                              for g in self.kept_grads]
         self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None}
         self.rng = RNGSnapshot().capture()
-        self.weight_copies = clone_all(self.weights)
+        self.weight_copies = BufferSnapshot(self.weights, self.weight_storage).values
         return self
 
     def perturb_(self, direction: Sequence[Tensor], scale: Union[float, Tensor]) -> None:

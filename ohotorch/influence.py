@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import meta
 
@@ -29,6 +30,34 @@ __all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangen
            "zero_tangents_", "scale_tangents_", "tangent_norms", "tangent_norms_tensor", "zero_tangent_", "contract"]
 
 TangentKey = Tuple[Optional[int], str]
+
+
+# tangent tensor -> its K slices, made once: indexing t[k] is one dispatched op per parameter and
+# tangent, several times a step (norms, perturbations, updates). The slices alias the tensor's storage
+# without holding the tensor itself (set_, no autograd view), so an entry dies with its tensor.
+_SLICES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def tangent_slices(t: Tensor) -> Tuple[Tensor, ...]:
+    """``(t[0], ..., t[K-1])``, made once per tensor (same values and memory as indexing)."""
+    slices = _SLICES.get(t)
+    if slices is None or (slices and slices[0].data_ptr() != t.data_ptr()):
+        with torch.no_grad():
+            stride, offset = t.stride(), t.storage_offset()
+            slices = tuple(torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                t.untyped_storage(), offset + k * stride[0], t.shape[1:], stride[1:]) for k in range(t.shape[0]))
+        _SLICES[t] = slices
+    return slices
+
+
+def tangent_slice(t: Tensor, k: int) -> Tensor:
+    """``t[k]`` without dispatching an op (see :func:`tangent_slices`)."""
+    return tangent_slices(t)[k]
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without dispatching an op when it already has that dtype."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def tangent_keys(param_groups: Sequence[Mapping[str, Any]], *, influence: str, discount: float) -> List[TangentKey]:
@@ -89,8 +118,9 @@ def scale_tangents_(states: Sequence[Mapping[str, Any]], gamma: float) -> None:
 
 def zero_tangent_(states: Sequence[Mapping[str, Any]], index: int) -> None:
     """Zero tangent ``index`` (w' and its companions) in every state."""
-    for t in tangent_tensors(states):
-        t[index].zero_()
+    slices = [tangent_slice(t, index) for t in tangent_tensors(states)]
+    if slices:
+        torch._foreach_zero_(slices)
 
 
 def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[List[float], float]:
@@ -108,7 +138,7 @@ def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[
 def tangent_norms_tensor(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tensor:
     """:func:`tangent_norms` as one float64 tensor ``[||w'_0||, ..., ||w'_{K-1}||, ||w||]`` on the
     parameters' device, read by nobody: no host sync. One ``_foreach_norm`` over all K + 1 lists."""
-    lists = [[t[k] for _, t in pairs] for k in range(n_keys)] + [[p.detach() for p, _ in pairs]]
+    lists = [[tangent_slice(t, k) for _, t in pairs] for k in range(n_keys)] + [[p for p, _ in pairs]]
     flat = torch._foreach_norm([t for ts in lists for t in ts])
     squares = torch.stack(flat).double().pow(2).view(n_keys + 1, len(pairs)).sum(1)
     return squares.sqrt()
@@ -132,7 +162,9 @@ def contract(
             tangents = state.get(p, {}).get("tangent_w")
             if grad is None or tangents is None:
                 continue
-            contributions[group_index].append(tangents.reshape(n_keys, -1) @ grad.reshape(-1).to(tangents.dtype))
+            flat_grad = as_dtype(grad, tangents.dtype)
+            flat_grad = flat_grad.view(-1) if flat_grad.is_contiguous() else flat_grad.reshape(-1)
+            contributions[group_index].append(torch.mv(tangents.view(n_keys, -1), flat_grad))
     reference = next((c[0] for c in contributions if c), None)
     if reference is None:
         per_group = [torch.zeros(n_keys) for _ in range(n_groups)]

@@ -577,7 +577,8 @@ class OHO(Optimizer):
                 elif from_zero:
                     part = None  # zero tangents: the update from zero overwrites them, no HVP needed
                 else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
-                    part = [torch.zeros_like(s["tangent_w"][tangent_index]) for s in work.states]
+                    part = [torch.zeros_like(influence.tangent_slice(s["tangent_w"], tangent_index))
+                            for s in work.states]
                 self._rule.update_tangent(group, work, tangent_index, keys[tangent_index],
                                           influence.is_direct(self.param_groups, keys[tangent_index], group_index),
                                           part)
@@ -589,10 +590,12 @@ class OHO(Optimizer):
         if not nonzero:
             return
         rel = self._fd_rel(active)
+        weight_storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
         with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
-                              replay=replay, foreach=foreach) as isolation:
+                              replay=replay, foreach=foreach, weight_storage=weight_storage) as isolation:
             for tangent_index in nonzero:
-                tangent = [self.state[p]["tangent_w"][tangent_index].to(p.dtype) for p in active]
+                tangent = [influence.as_dtype(influence.tangent_slice(self.state[p]["tangent_w"], tangent_index), p.dtype)
+                           for p in active]
                 if scales is not None:  # sync-free: a non-finite HVP makes the tangent non-finite (reset later)
                     eps_t, inverse = scales
                     hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps_t[tangent_index],
