@@ -18,7 +18,22 @@ horizon rows that are now ``*_full``.
 
 and reports median milliseconds per step, the ratio to the matching plain step, and memory. Every
 variant sees the same batches, is warmed up, and is timed over ``iters`` steps with device
-synchronisation around each step.
+synchronisation only around the block of ``iters`` steps, as in a training loop (``--repeats R``: R
+interleaved passes over the variants, the median of the R passes). ``issue_ms``: the host's time to
+return from one step (and hyper-step) started on an idle device, a blocking sync included.
+
+**Where the time goes** (CUDA; ``--profile-steps N``, 0 turns it off). After the timed steps each
+variant runs N more steps (whole hyper-step cycles for ``_h10``) three times:
+
+* under ``torch.profiler``: ``kernel_ms`` is the summed time of everything that ran on the GPU (kernels,
+  copies, fills) per step, and ``host_ms`` the host's time per step inside the step and hyper-step
+  (the ``record_function`` around them, Python included) minus the time the host spent blocked in a
+  CUDA synchronisation call; ``kernel_ratio`` divides ``kernel_ms`` by the plain step's, the floor
+  that the wall ratio ``ratio_to_baseline`` cannot go below; ``gpu_busy`` is ``kernel_ms / ms``;
+* under ``torch.cuda.set_sync_debug_mode("warn")``: ``syncs_per_step``, the synchronising CUDA calls
+  torch reports per step (``.item()``, ``.tolist()``, ``bool()`` of a device tensor, blocking copies);
+* ``host_waits_per_step``: how often OHO's deferred read-back of device results
+  (:mod:`ohotorch.deferred`) found its copy not yet landed and waited for it.
 
 **Settings.** Each (precision, compiled) pair is a separate set of rows, and each OHO row divides by
 the plain step of its own setting:
@@ -60,7 +75,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +128,8 @@ class Config:
     warmup: int = 3  # at least 3 when compiled
     momentum: float = 0.9
     hvp: str = "forward"
+    repeats: int = 1  # interleaved passes over the variants; each row reports the median pass
+    profile_steps: int = 10  # CUDA: steps profiled for kernel time, host time and syncs (0: off)
     exact_layer_max_tangents: int = 64  # skip oho_layer_exact* when it would carry more tangents
     device: str = "auto"
     threads: int = 0
@@ -131,7 +147,7 @@ class Config:
             raise ValueError(f"Invalid precisions {self.precisions}; choose from {PRECISIONS}")
         if not self.compiled:
             raise ValueError("--compiled needs at least one of false, true")
-        for name in ("iters", "batch_size", "val_batch_size"):
+        for name in ("iters", "batch_size", "val_batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
 
@@ -256,7 +272,6 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     frames_warmup = _frames_compiled()
-    times = []
     # h10 is timed over whole 10-step cycles so that the average includes its hyper-steps.
     steps = cfg.iters if every == 1 else max(cfg.iters // 10, 1) * 10
     start_index = warmup
@@ -266,22 +281,34 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
             one_step(i)
         sync()
         frames_warmup = _frames_compiled()
+    # One block of steps between two device synchronisations, as a training loop runs them: a step may
+    # overlap the next (the sync-free path never waits), so per-step synchronisation would hide that.
+    sync()
+    t0 = time.perf_counter()
     for i in range(start_index, start_index + steps):
-        t0 = time.perf_counter()
         one_step(i)
+    sync()
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    issue_ms = None
+    if cuda:  # the host's time to issue one step (and hyper-step) onto an idle device
         sync()
-        times.append(time.perf_counter() - t0)
-    if every > 1:  # mean over cycles: the hyper-step happens once per cycle
-        cycle_ms = [1e3 * sum(times[k:k + every]) / every for k in range(0, len(times), every)]
-        ms = statistics.median(cycle_ms)
-    else:
-        ms = 1e3 * statistics.median(times)
+        t0 = time.perf_counter()
+        one_step(start_index + steps)
+        issue_ms = 1e3 * (time.perf_counter() - t0)
+        sync()
+    where: Dict[str, Any] = {}
+    if cuda and cfg.profile_steps > 0 and not compiled:
+        n_profile = cfg.profile_steps if every == 1 else max(cfg.profile_steps // every, 1) * every
+        first = start_index + steps
+        where = profile_steps(one_step, range(first + every, first + every + n_profile), sync, opt)
+    if issue_ms is not None:
+        where["issue_ms"] = issue_ms
     size = param_bytes(model)
     result: Dict[str, Any] = {
         "variant": variant, "precision": precision, "compiled": compiled, "ms": ms,
         "state_x_params": state_size(opt, model), "tangents": len(getattr(opt, "_oho", {}).get("keys") or []),
         "tangent_buffers": round(state_size(opt, model, prefix="tangent_")), "warmup_steps": warmup,
-        "warmup_s": warmup_s,
+        "warmup_s": warmup_s, **where,
     }
     if compiled:
         result["frames_compiled_warmup"] = frames_warmup
@@ -293,6 +320,56 @@ def time_variant(variant: str, name: str, cfg: Config, device: torch.device,
         result["peak_x_params"] = (peak - start) / size
         result["warmup_peak_x_params"] = warmup_peak / size
     return result
+
+
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+def profile_steps(one_step: Any, indices: range, sync: Any, opt: torch.optim.Optimizer) -> Dict[str, Any]:
+    """Kernel time, host time, syncs and deferred-read waits per step over ``indices`` (see the module
+    docstring); each pass starts and ends with the device idle."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    n = len(indices)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in indices:
+            with record_function("overhead_step"):
+                one_step(i)
+        sync()
+    events = prof.events()
+    # Kernels, copies and fills; not the GPU-side spans of record_function annotations (this step's,
+    # torch.optim's "Optimizer.step#..."), which cover idle time too.
+    kernel_us = sum(e.self_device_time_total for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                    and e.name != "overhead_step" and not e.name.startswith("Optimizer."))
+    step_us = sum(e.cpu_time_total for e in events if e.name == "overhead_step")
+    blocked_us = sum(e.cpu_time_total for e in events if e.name in SYNC_CALLS)
+    sync()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in indices:
+                one_step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sync()
+    sync_warnings = [w for w in caught if "called a synchronizing" in str(w.message)]
+    syncs = len(sync_warnings)
+    sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in sync_warnings})
+    deferred = getattr(opt, "__dict__", {}).get("_deferred_results")
+    waits_before = deferred.waits if deferred is not None else 0
+    for i in indices:
+        one_step(i)
+    sync()
+    deferred = getattr(opt, "__dict__", {}).get("_deferred_results")
+    waits = (deferred.waits - waits_before) if deferred is not None else 0
+    return {"kernel_ms": kernel_us / 1e3 / n, "host_ms": max(step_us - blocked_us, 0.0) / 1e3 / n,
+            "blocked_ms": blocked_us / 1e3 / n, "syncs_per_step": syncs / n, "sync_sites": sites, "host_waits_per_step": waits / n,
+            "profiled_steps": n}
 
 
 def make_batches(shape: Tuple[int, ...], cfg: Config, device: torch.device) -> List[Tuple[torch.Tensor, ...]]:
@@ -320,6 +397,16 @@ def initialise_libraries(name: str, batch: Tuple[torch.Tensor, ...], precisions:
     torch.cuda.synchronize(device)
 
 
+def median_pass(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The pass with the median ms (the lower middle one for an even count), with every pass's ms."""
+    timed = [run for run in runs if "ms" in run]
+    if len(timed) <= 1:
+        return runs[0]
+    row = dict(sorted(timed, key=lambda run: run["ms"])[(len(timed) - 1) // 2])
+    row["ms_passes"] = [run["ms"] for run in timed]
+    return row
+
+
 def compare(rows: Dict[str, Dict[str, Any]]) -> None:
     """Add each row's ratios to its plain baseline (same setting) and to its eager twin."""
     for row in rows.values():
@@ -331,6 +418,11 @@ def compare(rows: Dict[str, Dict[str, Any]]) -> None:
         if "ms" in base:
             row["baseline"] = base_key
             row["ratio_to_baseline"] = row["ms"] / base["ms"]
+        if "kernel_ms" in row:
+            row["gpu_busy"] = row["kernel_ms"] / row["ms"]
+            if "kernel_ms" in base:
+                row["kernel_ratio"] = row["kernel_ms"] / base["kernel_ms"]
+                row["wall_over_kernel_ratio"] = row["ratio_to_baseline"] / row["kernel_ratio"]
         if "peak_x_params" in row and "peak_x_params" in base:
             row["extra_peak_x_params"] = row["peak_x_params"] - base["peak_x_params"]
             row["peak_extra_mb_vs_baseline"] = row["peak_total_mb"] - base["peak_total_mb"]
@@ -343,7 +435,9 @@ def compare(rows: Dict[str, Dict[str, Any]]) -> None:
 
 
 COLUMNS = [("variant", "variant", "s"), ("setting", "setting", "s"), ("ms", "ms/step", ".2f"),
-           ("ratio_to_baseline", "x base", ".2f"), ("ratio_to_eager", "x eager", ".2f"),
+           ("ratio_to_baseline", "x base", ".2f"), ("kernel_ratio", "x kernels", ".2f"),
+           ("gpu_busy", "GPU busy", ".2f"), ("host_ms", "host ms", ".2f"), ("syncs_per_step", "syncs", ".1f"),
+           ("host_waits_per_step", "waits", ".2f"), ("ratio_to_eager", "x eager", ".2f"),
            ("state_x_params", "state/params", ".2f"), ("tangents", "K", "d"),
            ("peak_x_params", "peak/params", ".2f"), ("extra_peak_x_params", "extra/params", ".2f"),
            ("goal_x_params", "K+2", "d"), ("recompiles_timed", "recompiles", "d"), ("warmup_s", "warmup s", ".1f"),
@@ -367,23 +461,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         batches = make_batches(shape, cfg, device)
         if device.type == "cuda":
             initialise_libraries(name, batches[0], cfg.precisions, device)
-        rows: Dict[str, Dict[str, Any]] = {}
-        for precision, compiled in settings:
-            for variant in cfg.variants:
-                key = row_key(variant, precision, compiled)
-                spec = common.parse_method(variant)
-                layer_exact = spec.oho and spec.groups == "layer" and spec.influence == "exact"
-                if layer_exact and 2 * n_layers > cfg.exact_layer_max_tangents:
-                    rows[key] = {"variant": variant, "precision": precision, "compiled": compiled,
-                                 "skipped": f"{2 * n_layers} tangents > exact_layer_max_tangents"}
-                    continue
-                if compiled:
-                    with recompile_log:
-                        seen = len(recompile_log.messages)
-                        rows[key] = time_variant(variant, name, cfg, device, batches, precision, compiled)
-                        rows[key]["recompile_reasons"] = [m[:500] for m in recompile_log.messages[seen:][:3]]
-                else:
-                    rows[key] = time_variant(variant, name, cfg, device, batches, precision, compiled)
+        passes: Dict[str, List[Dict[str, Any]]] = {}
+        for _ in range(cfg.repeats):  # interleaved: every variant once per pass
+            for precision, compiled in settings:
+                for variant in cfg.variants:
+                    key = row_key(variant, precision, compiled)
+                    spec = common.parse_method(variant)
+                    layer_exact = spec.oho and spec.groups == "layer" and spec.influence == "exact"
+                    if layer_exact and 2 * n_layers > cfg.exact_layer_max_tangents:
+                        passes[key] = [{"variant": variant, "precision": precision, "compiled": compiled,
+                                        "skipped": f"{2 * n_layers} tangents > exact_layer_max_tangents"}]
+                        continue
+                    if compiled:
+                        with recompile_log:
+                            seen = len(recompile_log.messages)
+                            row = time_variant(variant, name, cfg, device, batches, precision, compiled)
+                            row["recompile_reasons"] = [m[:500] for m in recompile_log.messages[seen:][:3]]
+                    else:
+                        row = time_variant(variant, name, cfg, device, batches, precision, compiled)
+                    passes.setdefault(key, []).append(row)
+        rows = {key: median_pass(runs) for key, runs in passes.items()}
         compare(rows)
         params_mb = param_bytes(model) / 2**20
         results[name] = {"layers": n_layers, "params_mb": params_mb, "variants": rows}

@@ -24,7 +24,7 @@ the RNG, the module's buffers and the weights as it found them, on success or on
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -99,7 +99,7 @@ class BufferSnapshot:
             self.values = storage
             if self.targets:
                 with torch.no_grad():
-                    torch._foreach_copy_(self.values, [b.detach() for b in self.targets])
+                    torch._foreach_copy_(self.values, self.targets)
         else:
             self.values = clone_all(self.targets)
             if storage is not None:
@@ -175,7 +175,7 @@ def clone_all(tensors: List[Tensor]) -> List[Tensor]:
     copies = [torch.empty_like(t) for t in tensors]
     if copies:
         with torch.no_grad():
-            torch._foreach_copy_(copies, [t.detach() for t in tensors])
+            torch._foreach_copy_(copies, list(tensors))
     return copies
 
 
@@ -210,6 +210,8 @@ class ClosureIsolation:
             adds to the same starting point in every evaluation, and finite differences of its results
             cancel it. :meth:`GradSnapshot.starts` gives the starts of a training evaluation.
         foreach: move the weights with ``torch._foreach_*`` ops (decided once by the caller).
+        weight_storage: a list the caller keeps between steps that lends the weight copies its memory
+            (as :class:`BufferSnapshot`'s ``storage``): no allocation per step.
     """
 
     def __init__(
@@ -221,8 +223,10 @@ class ClosureIsolation:
         replay: Optional[Tuple[RNGSnapshot, Optional[BufferSnapshot]]] = None,
         start: Optional[Sequence[Optional[Tensor]]] = None,
         foreach: bool = False,
+        weight_storage: Optional[List[Tensor]] = None,
     ) -> None:
         self.params = list(params)
+        self.weight_storage = weight_storage
         self.weights = list(weights)
         self.buffers = buffers
         self.replay = replay
@@ -240,11 +244,20 @@ class ClosureIsolation:
         # Zero-size tensors share data_ptr 0 and hold nothing that could be overwritten.
         self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None and g.numel() > 0}
         self.rng = RNGSnapshot().capture()
-        self.weight_copies = clone_all(self.weights)
+        self.weight_copies = BufferSnapshot(self.weights, self.weight_storage).values
         return self
 
-    def perturb_(self, direction: Sequence[Tensor], scale: float) -> None:
-        """Set ``weights`` to their entry values plus ``scale * direction``."""
+    def perturb_(self, direction: Sequence[Tensor], scale: Union[float, Tensor]) -> None:
+        """Set ``weights`` to their entry values plus ``scale * direction`` (``scale`` a float, or a 0-d
+        tensor on the weights' device: then nothing is read on the host)."""
+        if isinstance(scale, Tensor):
+            if self.foreach:
+                torch._foreach_copy_(self.weights, self.weight_copies)
+                torch._foreach_add_(self.weights, torch._foreach_mul(list(direction), scale))
+            else:
+                for w, copy, v in zip(self.weights, self.weight_copies, direction):
+                    w.copy_(copy).add_(v * scale)
+            return
         if self.foreach:
             torch._foreach_copy_(self.weights, self.weight_copies)
             torch._foreach_add_(self.weights, list(direction), alpha=scale)
@@ -322,14 +335,18 @@ def fd_hvp(
     tangent: Sequence[Tensor],
     train_grads: Sequence[Tensor],
     *,
-    eps: float,
+    eps: Union[float, Tensor],
     scheme: str,
+    inverse: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """H v at the isolation's weights by finite differences of ``closure`` (``scheme``: forward or central).
 
     ``tangent`` is v, one tensor per entry of ``isolation.weights``; ``train_grads`` the gradient at the
     unperturbed weights (forward differences reuse it). Returns tensors of its own; the weights end at
     their saved values (by copy). foreach is the isolation's, decided once by its caller.
+
+    ``eps`` may be a 0-d tensor on the weights' device, with ``inverse`` = 1/eps (0 where eps is 0: a
+    tangent with nothing to perturb reads H v = 0): then nothing is read on the host.
     """
     index = {id(p): i for i, p in enumerate(isolation.params)}
     positions = [index[id(w)] for w in isolation.weights]
@@ -347,6 +364,17 @@ def fd_hvp(
     else:
         minus, scale = train_grads, eps
     isolation.restore_weights()  # exact: the perturbation is never undone arithmetically
+    if isinstance(scale, Tensor):
+        if inverse is None:
+            raise ValueError("fd_hvp: a tensor eps needs its inverse")
+        factor = inverse / 2.0 if scheme == "central" else inverse
+        if isolation.foreach:
+            torch._foreach_sub_(plus, list(minus))
+            torch._foreach_mul_(plus, factor)
+        else:
+            for a, b in zip(plus, minus):
+                a.sub_(b).mul_(factor)
+        return plus
     if isolation.foreach:
         torch._foreach_sub_(plus, list(minus))
         torch._foreach_div_(plus, scale)

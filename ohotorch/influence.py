@@ -25,15 +25,44 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import hyper_groups, meta
 
 __all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangents", "tangent_tensors",
-           "zero_tangents_", "scale_tangents_", "tangent_norms", "zero_tangent_", "contract"]
+           "zero_tangents_", "scale_tangents_", "tangent_norms", "tangent_norms_tensor", "zero_tangent_", "contract"]
 
 TangentKey = Tuple[Optional[int], str]
 
 _TANGENT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+# tangent tensor -> its K slices, made once: indexing t[k] is one dispatched op per parameter and
+# tangent, several times a step (norms, perturbations, updates). The slices alias the tensor's storage
+# without holding the tensor itself (set_, no autograd view), so an entry dies with its tensor.
+_SLICES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def tangent_slices(t: Tensor) -> Tuple[Tensor, ...]:
+    """``(t[0], ..., t[K-1])``, made once per tensor (same values and memory as indexing)."""
+    slices = _SLICES.get(t)
+    if slices is None or (slices and slices[0].data_ptr() != t.data_ptr()):
+        with torch.no_grad():
+            stride, offset = t.stride(), t.storage_offset()
+            slices = tuple(torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                t.untyped_storage(), offset + k * stride[0], t.shape[1:], stride[1:]) for k in range(t.shape[0]))
+        _SLICES[t] = slices
+    return slices
+
+
+def tangent_slice(t: Tensor, k: int) -> Tensor:
+    """``t[k]`` without dispatching an op (see :func:`tangent_slices`)."""
+    return tangent_slices(t)[k]
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without dispatching an op when it already has that dtype."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def tangent_keys(param_groups: Sequence[Mapping[str, Any]], *, influence: str, discount: float) -> List[TangentKey]:
@@ -103,8 +132,9 @@ def scale_tangents_(states: Sequence[Mapping[str, Any]], gamma: float) -> None:
 
 def zero_tangent_(states: Sequence[Mapping[str, Any]], index: int) -> None:
     """Zero tangent ``index`` (w' and its companions) in every state."""
-    for t in tangent_tensors(states):
-        t[index].zero_()
+    slices = [tangent_slice(t, index) for t in tangent_tensors(states)]
+    if slices:
+        torch._foreach_zero_(slices)
 
 
 def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[List[float], float]:
@@ -115,10 +145,17 @@ def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[
     """
     if not n_keys or not pairs:
         return [0.0] * n_keys, 0.0
-    lists = [[t[k] for _, t in pairs] for k in range(n_keys)] + [[p.detach() for p, _ in pairs]]
-    squares = [torch.stack(torch._foreach_norm(ts)).double().pow(2).sum() for ts in lists]
-    *norms, weight_norm = torch.stack(squares).sqrt().tolist()
+    *norms, weight_norm = tangent_norms_tensor(pairs, n_keys).tolist()
     return norms, weight_norm
+
+
+def tangent_norms_tensor(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tensor:
+    """:func:`tangent_norms` as one float64 tensor ``[||w'_0||, ..., ||w'_{K-1}||, ||w||]`` on the
+    parameters' device, read by nobody: no host sync. One ``_foreach_norm`` over all K + 1 lists."""
+    lists = [[tangent_slice(t, k) for _, t in pairs] for k in range(n_keys)] + [[p for p, _ in pairs]]
+    flat = torch._foreach_norm([t for ts in lists for t in ts])
+    squares = torch.stack(flat).double().pow(2).view(n_keys + 1, len(pairs)).sum(1)
+    return squares.sqrt()
 
 
 def contract(
@@ -143,8 +180,10 @@ def contract(
             if grad is None or tangents is None:
                 continue
             if tangents.is_complex():  # the real dot product of the (re, im) pairs
-                tangents, grad = torch.view_as_real(tangents), torch.view_as_real(grad.to(tangents.dtype))
-            contributions[group_index].append(tangents.reshape(n_keys, -1) @ grad.reshape(-1).to(tangents.dtype))
+                tangents, grad = torch.view_as_real(tangents), torch.view_as_real(as_dtype(grad, tangents.dtype))
+            flat_grad = as_dtype(grad, tangents.dtype)
+            flat_grad = flat_grad.view(-1) if flat_grad.is_contiguous() else flat_grad.reshape(-1)
+            contributions[group_index].append(torch.mv(tangents.reshape(n_keys, -1), flat_grad))
     reference = next((c[0] for c in contributions if c), None)
     if reference is None:
         per_group = [torch.zeros(n_keys) for _ in range(n_groups)]

@@ -11,7 +11,21 @@ The gradient in :math:`\phi` is :math:`h\, d\theta/d\phi`; a meta-optimizer (``"
 steps :math:`\phi`, and :math:`P` projects :math:`f(\phi)` onto the bounds. Adam on a log-space
 parameter moves :math:`\theta` by a bounded *relative* amount per step whatever the scale of the loss,
 of the hyperparameter, or of the influence: the default, and the reason one meta learning rate serves
-problems of very different scale. All of this is scalar work on Python floats, once per hyper-step.
+problems of very different scale.
+
+**Robustness.** Two guards bound what one hyper-step can do. The meta-Adam gradient is clipped to
+:math:`\pm k\sqrt{\hat v_{t-1}}` (:data:`META_CLIP` = k, from the second step on, where
+:math:`\hat v_{t-1} > 0`): one outlier validation batch (a loss 1e19 times larger, say) then moves
+:math:`\phi` by at most ``k`` meta learning rates and raises the second moment by a factor of at most
+:math:`1 + (1-\beta_2)(k^2 - 1)`, instead of freezing tuning for the ~1/(1-beta2) steps that an
+inflated second moment takes to decay. And :math:`\phi` is clamped into the bounds mapped into meta
+space before :math:`f` is applied (in log space at most :data:`LOG_SPACE_MAX`, float32's largest
+value), so no meta learning rate, however large, overflows the map.
+
+Two implementations of the same arithmetic: :func:`meta_update_` on Python floats (CPU parameters, where
+reading a value costs nothing), and :class:`DeviceMeta`, every tuned value of the optimizer in one
+float64 vector on the parameters' device, updated by a fixed sequence of tensor ops with
+``torch.where`` for the all-or-nothing rule, so that a hyper-step never waits for the device.
 
 :func:`meta_update_` is the whole policy of one hyper-step: a value changed from outside since the last
 hyper-step (by the user, a scheduler, a checkpoint edit) is the new starting point and its meta-optimizer
@@ -25,6 +39,9 @@ import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, MutableMapping, Sequence, Tuple
+
+import torch
+from torch import Tensor
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -42,6 +59,10 @@ __all__ = [
     "COMMITTED",
     "NONFINITE_HYPERGRADIENT",
     "NONFINITE_RESULT",
+    "META_CLIP",
+    "LOG_SPACE_MAX",
+    "meta_bounds",
+    "DeviceMeta",
 ]
 
 # lr_scale multiplies a scheduled lr (the effective lr is group["lr"] * group["lr_scale"]): tuning it
@@ -62,6 +83,13 @@ LOG_OFFSET: Dict[str, float] = {"lr": 1e-8, "lr_scale": 1e-8, "weight_decay": 1e
 # Default meta learning rate per (meta_optimizer, space); None means there is no safe default.
 # Evidence: benchmarks/defaults.py and benchmarks/results/defaults/.
 DEFAULT_META_LR: Dict[Tuple[str, str], float] = {("adam", "log"): 0.02}
+
+# The meta-Adam gradient is clipped to +-META_CLIP * sqrt(v_hat) of the previous step (module docstring).
+META_CLIP = 5.0
+
+# The largest phi of the log-space maps: theta stays below float32's largest value (~3.4e38), whatever the
+# meta learning rate (exp of a larger phi would overflow float64 at ~709, or float32 tensors before that).
+LOG_SPACE_MAX = math.log(torch.finfo(torch.float32).max)
 
 
 def to_meta(name: str, theta: float, space: str) -> float:
@@ -91,6 +119,28 @@ def meta_derivative(name: str, theta: float, space: str) -> float:
     return max(theta, 0.0) + LOG_OFFSET[name]
 
 
+def meta_bounds(name: str, bounds: Tuple[float, float], space: str) -> Tuple[float, float]:
+    """The bounds mapped into meta space: ``phi`` is clamped into them before ``from_meta``."""
+    if space == "raw":
+        return bounds
+    low, high = bounds
+    return (to_meta(name, low, space) if math.isfinite(low) else -math.inf,
+            min(to_meta(name, high, space), LOG_SPACE_MAX) if math.isfinite(high) else LOG_SPACE_MAX)
+
+
+def _from_meta_clamped(name: str, phi: float, config: "MetaConfig") -> float:
+    """P(f(phi)) with phi clamped into the meta bounds first; a phi at a bound maps to the bound itself."""
+    low, high = config.bounds[name]
+    phi_low, phi_high = meta_bounds(name, (low, high), config.space)
+    if phi <= phi_low:
+        return low
+    if phi >= phi_high:
+        if math.isfinite(high) and (config.space == "raw" or to_meta(name, high, config.space) <= LOG_SPACE_MAX):
+            return high
+        phi = phi_high
+    return project(from_meta(name, phi, config.space), (low, high))
+
+
 def project(theta: float, bounds: Tuple[float, float]) -> float:
     """P: clip into ``[low, high]``."""
     low, high = bounds
@@ -107,11 +157,19 @@ def meta_adam_step(
 ) -> float:
     r"""One Adam step on a scalar; ``state`` (keys m, v, t) is updated in place.
 
+    From the second step on, ``grad`` is first clipped to :math:`\pm` :data:`META_CLIP` :math:`\sqrt{\hat v}`
+    of the previous step (where that is positive).
+
     .. math:: m \leftarrow \beta_1 m + (1-\beta_1) g,\ v \leftarrow \beta_2 v + (1-\beta_2) g^2,\
               \phi \leftarrow \phi - \alpha \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
     """
     b1, b2 = betas
-    t = state.get("t", 0.0) + 1.0
+    t_previous = state.get("t", 0.0)
+    if t_previous > 0.0:  # clip to META_CLIP * sqrt(v_hat) of the previous step (module docstring)
+        bound = META_CLIP * math.sqrt(state.get("v", 0.0) / (1.0 - b2**t_previous))
+        if bound > 0.0:
+            grad = min(max(grad, -bound), bound)
+    t = t_previous + 1.0
     m = b1 * state.get("m", 0.0) + (1.0 - b1) * grad
     v = b2 * state.get("v", 0.0) + (1.0 - b2) * grad * grad
     state.update(m=m, v=v, t=t)
@@ -178,14 +236,113 @@ def meta_update_(
             new_phi = meta_adam_step(phi, grad, state, lr=lr, betas=config.betas, eps=config.eps)
         else:
             new_phi = meta_sgd_step(phi, grad, lr=lr)
-        new_theta = project(from_meta(name, new_phi, config.space), config.bounds[name])
+        new_theta = _from_meta_clamped(name, new_phi, config)
         if lr == 0.0:
             new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
         proposals.append((index, name, new_theta, state))
-    if not all(math.isfinite(theta) for _, _, theta, _ in proposals):
+    if not all(math.isfinite(theta) and all(math.isfinite(v) for v in state.values())
+               for _, _, theta, state in proposals):
         return NONFINITE_RESULT
     for index, name, theta, state in proposals:
         param_groups[index][name] = theta
         state["written"] = theta
         meta_state[f"{index}/{name}"] = state
     return COMMITTED
+
+
+class DeviceMeta:
+    r"""The tuned values and their meta-optimizer state as float64 vectors on the device.
+
+    The same arithmetic as :func:`meta_update_` (map, clip, Adam or SGD, clamp in meta space,
+    projection, all or nothing) as a fixed sequence of tensor ops: :meth:`update` never reads a value
+    on the host. ``entries`` lists ``(group index, name)``; ``values`` their current values; ``states``
+    their meta-optimizer states (keys m, v, t; empty for a fresh start). ``state`` is one
+    ``(4, n)`` tensor, rows theta, m, v, t; ``written`` (host floats) the value last written into
+    ``param_groups`` for each entry, ``generation`` how often each was restarted by an outside write.
+    """
+
+    def __init__(self, entries: Sequence[Tuple[int, str]], values: Sequence[float],
+                 states: Sequence[Mapping[str, float]], config: MetaConfig, device: torch.device) -> None:
+        self.entries = list(entries)
+        self.config = config
+        names = [name for _, name in self.entries]
+        for index, name in self.entries:
+            if name not in config.meta_lr:
+                raise ValueError(f"meta_lr has no value for {name!r} (tuned in param group {index})")
+        rows = [[float(v) for v in values], [float(s.get("m", 0.0)) for s in states],
+                [float(s.get("v", 0.0)) for s in states], [float(s.get("t", 0.0)) for s in states]]
+        bounds = [config.bounds[name] for name in names]
+        phi_bounds = [meta_bounds(name, b, config.space) for name, b in zip(names, bounds)]
+        high_exact = [math.isfinite(high) and (config.space == "raw" or to_meta(name, high, config.space) <= LOG_SPACE_MAX)
+                      for name, (_, high) in zip(names, bounds)]
+        constants = [[config.meta_lr[name] for name in names], [b[0] for b in bounds], [b[1] for b in bounds],
+                     [b[0] for b in phi_bounds], [b[1] for b in phi_bounds],
+                     [float(exact) for exact in high_exact], [float(name == "momentum") for name in names],
+                     [LOG_OFFSET.get(name, 0.0) for name in names]]
+        # Built once (two host-to-device copies); every later operation stays on the device.
+        self.state = torch.tensor(rows, dtype=torch.float64).to(device)
+        (self.meta_lr, self.low, self.high, self.phi_low, self.phi_high, high_exact_t, momentum_t,
+         self.offset) = torch.tensor(constants, dtype=torch.float64).to(device).unbind(0)
+        self.high_exact, self.momentum = high_exact_t.bool(), momentum_t.bool()
+        self.frozen = self.meta_lr == 0.0
+        self.written = [float(v) for v in values]
+        self.generation = [0] * len(self.entries)
+
+    def restart(self, i: int, value: float) -> None:
+        """Entry ``i`` was set from outside to ``value``: start from it with a fresh meta state."""
+        self.state[0, i].fill_(value)
+        self.state[1:, i].zero_()
+        self.written[i] = value
+        self.generation[i] += 1
+
+    def _to_meta(self, theta: Tensor) -> Tensor:
+        if self.config.space == "raw":
+            return theta
+        return torch.where(self.momentum, -torch.log((1.0 - theta).clamp_min(1e-12)),
+                           torch.log(theta.clamp_min(0.0) + self.offset))
+
+    def _derivative(self, theta: Tensor) -> Tensor:
+        if self.config.space == "raw":
+            return torch.ones_like(theta)
+        return torch.where(self.momentum, (1.0 - theta).clamp_min(1e-12), theta.clamp_min(0.0) + self.offset)
+
+    def _from_meta(self, phi: Tensor) -> Tensor:
+        if self.config.space == "raw":
+            return phi
+        return torch.where(self.momentum, 1.0 - torch.exp(-phi), torch.exp(phi) - self.offset)
+
+    def update(self, hypergradients: Tensor, loss: Tensor) -> Tensor:
+        """One hyper-step on the device; returns ``[state (4n), h (n), loss, finite input, committed]``.
+
+        ``hypergradients`` (n,) and ``loss`` (0-d) are float64 tensors on the device.
+        """
+        theta, m, v, t = self.state.unbind(0)
+        h = hypergradients
+        grad = h * self._derivative(theta)
+        phi = self._to_meta(theta)
+        if self.config.optimizer == "adam":
+            b1, b2 = self.config.betas
+            v_hat_previous = torch.where(t > 0, v / (1.0 - torch.pow(b2, t)), torch.zeros_like(v))
+            bound = META_CLIP * torch.sqrt(v_hat_previous)
+            grad = torch.where(bound > 0, torch.minimum(torch.maximum(grad, -bound), bound), grad)
+            t_new = t + 1.0
+            m_new = b1 * m + (1.0 - b1) * grad
+            v_new = b2 * v + (1.0 - b2) * grad * grad
+            m_hat = m_new / (1.0 - torch.pow(b1, t_new))
+            v_hat = v_new / (1.0 - torch.pow(b2, t_new))
+            phi_new = phi - self.meta_lr * m_hat / (torch.sqrt(v_hat) + self.config.eps)
+        else:
+            t_new, m_new, v_new = t, m, v
+            phi_new = phi - self.meta_lr * grad
+        at_low = phi_new <= self.phi_low
+        at_high = phi_new >= self.phi_high
+        theta_new = self._from_meta(torch.minimum(phi_new, self.phi_high)).clamp(self.low, self.high)
+        theta_new = torch.where(at_high & self.high_exact, self.high, theta_new)
+        theta_new = torch.where(at_low, self.low, theta_new)
+        theta_new = torch.where(self.frozen, theta, theta_new)
+        new_state = torch.stack([theta_new, m_new, v_new, t_new])
+        finite_input = torch.isfinite(loss) & torch.isfinite(h).all()
+        committed = finite_input & torch.isfinite(new_state).all()
+        self.state.copy_(torch.where(committed, new_state, self.state))
+        return torch.cat([self.state.flatten(), h, loss.reshape(1), finite_input.reshape(1).double(),
+                          committed.reshape(1).double()])

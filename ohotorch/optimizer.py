@@ -42,6 +42,7 @@ from torch.optim import Optimizer
 
 from . import hyper_groups, influence, meta
 from .compat import check_torch_arguments
+from .deferred import Deferred, Readback, Record
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
@@ -305,6 +306,21 @@ class OHO(Optimizer):
                           discount=discount, module=module, foreach=foreach)
         self._setup(params, defaults, options)
 
+    @property
+    def diagnostics(self) -> Dict[str, Any]:
+        """Diagnostics of the last step and hyper-step (on the sync-free path, reading them waits for
+        the device's results, which are otherwise read later)."""
+        self._report_deferred()
+        return self.__dict__.setdefault("_diagnostics", {})
+
+    @diagnostics.setter
+    def diagnostics(self, value: Dict[str, Any]) -> None:
+        self.__dict__["_diagnostics"] = value
+
+    def _diag(self) -> Dict[str, Any]:
+        """The diagnostics dict itself (writing into it reads nothing from the device)."""
+        return self.__dict__.setdefault("_diagnostics", {})
+
     def _setup(self, params: Iterable[Any], defaults: Dict[str, Any], options: Options) -> None:
         """Store the validated options, then let torch.optim build (and check) the param groups."""
         self.options = options
@@ -387,8 +403,10 @@ class OHO(Optimizer):
         that ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that continues exactly
         like this one. Registered hooks are left out, as torch.optim does; the buffer snapshots' memory
         is re-allocated on the copy's first step."""
+        self._settle()  # deferred device results reach param_groups; the copy starts with none pending
         state = {key: value for key, value in self.__dict__.items()
-                 if not (key.startswith("_optimizer_") and key.endswith("_hooks"))}
+                 if not (key.startswith("_optimizer_") and key.endswith("_hooks"))
+                 and key not in ("_deferred_results", "_device_meta")}
         state["_buffer_storage"] = {}
         return state
 
@@ -490,6 +508,80 @@ class OHO(Optimizer):
     def _all_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    # ------------------------------------------------------------------ the sync-free (device) path
+    # None: sync-free when every parameter that steps is on CUDA; True / False force it (tests run the
+    # device path on CPU tensors with True).
+    _sync_free: Optional[bool] = None
+
+    def _use_sync_free(self, params: Sequence[Tensor]) -> bool:
+        if self._sync_free is not None:
+            return bool(self._sync_free)
+        return bool(params) and all(p.is_cuda for p in params)
+
+    def _deferred(self) -> Deferred:
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is None:
+            deferred = self.__dict__["_deferred_results"] = Deferred()
+        return deferred
+
+    def _settle(self, before: Optional[int] = None) -> None:
+        """Apply the deferred results made before step count ``before`` (all of them when None):
+        hyperparameters into ``param_groups``, resets of non-finite tangents; see :meth:`hyper_step`."""
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is not None and deferred.records:
+            self._restart_outside_writes()
+            deferred.apply(before)
+
+    def _report_deferred(self) -> None:
+        """Counters, warnings and diagnostics of every deferred result (waits for them; applies nothing)."""
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is not None:
+            deferred.consume_all()
+
+    def _drop_device_meta(self) -> None:
+        """Forget the device copies of the tuned values (after load_state_dict: they are stale)."""
+        self.__dict__.pop("_device_meta", None)
+        deferred = self.__dict__.get("_deferred_results")
+        if deferred is not None:
+            deferred.discard()
+
+    def _restart_outside_writes(self) -> None:
+        """Values changed in ``param_groups`` since OHO last wrote them restart their device meta state."""
+        device_meta: Optional[meta.DeviceMeta] = self.__dict__.get("_device_meta")
+        if device_meta is None:
+            return
+        for i, (index, name) in enumerate(device_meta.entries):
+            value = float(self.param_groups[index][name])
+            previous = device_meta.written[i]
+            if value != previous:
+                device_meta.restart(i, value)
+                self._bookkeeping.meta_state.pop(f"{index}/{name}", None)
+                if name == "lr":
+                    self._usage.warn_once(
+                        f"lr/{index}",
+                        f"OHO: the lr of param group {index} was changed from outside since the last hyper_step "
+                        f"({previous} -> {value}); OHO continues from the new value. If a "
+                        "scheduler (e.g. ReduceLROnPlateau) sets it, tune 'lr_scale' instead of 'lr' so the "
+                        "two do not overwrite each other."
+                    )
+
+    def _device_meta_for(self, entries: List[Tuple[int, str]], device: torch.device) -> meta.DeviceMeta:
+        device_meta: Optional[meta.DeviceMeta] = self.__dict__.get("_device_meta")
+        if device_meta is not None and device_meta.entries == entries:
+            return device_meta
+        self._settle()
+        values, states = [], []
+        for index, name in entries:
+            value = float(self.param_groups[index][name])
+            state = self._bookkeeping.meta_state.get(f"{index}/{name}", {})
+            if state.get("written", value) != value:  # set from outside since the last hyper-step
+                state = {}
+            values.append(value)
+            states.append(state)
+        device_meta = meta.DeviceMeta(entries, values, states, self._meta_config(), device)
+        self.__dict__["_device_meta"] = device_meta
+        return device_meta
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:  # type: ignore[override]
@@ -526,19 +618,29 @@ class OHO(Optimizer):
                 "tune nothing)"
             )
         keys = self._layout(tuning)  # not committed before the last closure evaluation
-        self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
+        sync_free = tuning and self._use_sync_free(self._all_params())
+        if sync_free:  # the results of hyper-steps before the last step reach param_groups now
+            self._settle(before=self._bookkeeping.steps)
+        self._diag()["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
 
         # (1) The influence before this step: discounted (applied in (3)), or restarting from zero.
         norms: List[float] = [0.0] * len(keys)
         weight_norm = 0.0
         nonfinite: List[int] = []  # tangents that became non-finite: zeroed in (3)
+        scales: Optional[Tuple[Tensor, Tensor]] = None  # sync-free: (eps, 1/eps) per tangent, on the device
         from_zero = False  # every tangent is zero before this step's update (greedy horizon or a reset)
         if tuning:
             reset = self.reset_every is not None and self._bookkeeping.steps % self.reset_every == 0
             from_zero = reset or self.discount == 0.0
             if not from_zero:
-                norms, weight_norm, nonfinite = self._tangent_norms(keys)
-        nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
+                if sync_free:
+                    scales = self._device_tangent_norms(keys)
+                else:
+                    norms, weight_norm, nonfinite = self._tangent_norms(keys)
+        if scales is not None:  # every tangent gets an HVP (a zero one costs its evaluation, reads 0)
+            nonzero = list(range(len(keys)))
+        else:
+            nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
 
         # (2) Every closure evaluation: the training one, whose gradients, RNG and buffers every HVP
         # evaluation starts from, then the HVPs. Nothing of the user's or the optimizer's changes until all
@@ -559,11 +661,13 @@ class OHO(Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             foreach = self._use_foreach(active)
             if tuning and loss is not None:
-                finite = bool(torch.isfinite(torch.as_tensor(loss)).all())
+                # Sync-free, a non-finite loss is not looked at: it makes the tangents non-finite, which
+                # the deferred norm check resets (see _device_tangent_norms).
+                finite = sync_free or bool(torch.isfinite(torch.as_tensor(loss)).all())
                 if finite and nonzero:
                     with self._watch_unseen_buffers():
                         hvps = self._hessian_vector_products(closure, norms, weight_norm, nonzero, active,
-                                                             rollback, foreach)
+                                                             rollback, foreach, scales)
         except BaseException:
             rollback.restore()
             raise
@@ -589,7 +693,8 @@ class OHO(Optimizer):
             states = [self._state_for(p, group, len(keys)) for p in params]
             works.append(self._rule.prepare(group, params, states, foreach))
 
-        # (4) The influence.
+        # (4) The influence. Sync-free, a non-finite loss is not looked at: it makes the tangents
+        # non-finite, which the deferred norm check of the next step resets (see _device_tangent_norms).
         if tuning and loss is not None:
             if not finite:
                 self._bookkeeping.nonfinite_influence += 1
@@ -643,6 +748,53 @@ class OHO(Optimizer):
         if self.__dict__.get("_fixed_tune") is None:
             self._fixed_tune = [self._canonical_tune(group["tune"]) for group in self.param_groups]
 
+    def _fd_rel(self, active: Sequence[Tensor]) -> float:
+        """The relative finite-difference step: the option, else that of ``compute_dtype``, else of the
+        coarsest parameter dtype present (float32 gradients need float32's step even beside float64)."""
+        if self.fd_rel is not None:
+            return self.fd_rel
+        if self.compute_dtype is not None:
+            return relative_step(self.compute_dtype, self.hvp)
+        dtypes = {p.dtype for p in active if p.is_floating_point()}
+        coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
+        return relative_step(coarsest, self.hvp)
+
+    def _device_tangent_norms(self, keys: Sequence[TangentKey]) -> Optional[Tuple[Tensor, Tensor]]:
+        """The perturbation scales (eps_k, 1/eps_k) on the device, with no host sync.
+
+        A zero or non-finite tangent gets eps = 1/eps = 0: its HVP perturbs nothing and reads zero. The
+        norms come back to the host later (:mod:`ohotorch.deferred`): the diagnostics, and the reset of a
+        non-finite tangent to zero, with its warning and count, at the start of the step after next.
+        """
+        pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
+        if not keys or not pairs:  # no tangent yet: nothing to perturb
+            return None
+        all_norms = influence.tangent_norms_tensor(pairs, len(keys))
+        norms, weight_norm = all_norms[:-1] * self.discount, all_norms[-1]  # of gamma w': see _tangent_norms
+        rel = self._fd_rel([p for p, _ in pairs])
+        usable = torch.isfinite(norms) & (norms > 0)
+        safe = torch.where(usable, norms, torch.ones_like(norms))
+        reach = rel * (1.0 + weight_norm)  # eps * ||w'|| (the perturbation's norm)
+        eps = torch.where(usable, reach / safe, torch.zeros_like(norms))
+        inverse = torch.where(usable, safe / reach, torch.zeros_like(norms))
+        names = [influence.key_name(self.param_groups, key) for key in keys]
+
+        def consume(values: List[float]) -> None:
+            for name, norm in zip(names, values):
+                if not math.isfinite(norm):
+                    self._bookkeeping.nonfinite_influence += 1
+                    warnings.warn(f"OHO: the influence for {name} became non-finite and was reset to zero")
+            self._diag()["influence_norm"] = {name: (norm if math.isfinite(norm) else 0.0)
+                                              for name, norm in zip(names, values)}
+
+        def apply(values: List[float]) -> None:
+            for index, norm in enumerate(values[:len(names)]):
+                if not math.isfinite(norm):
+                    influence.zero_tangent_(list(self.state.values()), index)
+
+        self._deferred().add(Record(self._bookkeeping.steps, Readback(all_norms), consume, apply))
+        return eps, inverse
+
     def _tangent_norms(self, keys: Sequence[TangentKey]) -> Tuple[List[float], float, List[int]]:
         """(||gamma w'_k|| for every tangent, ||w||, the non-finite tangents) in one host sync.
 
@@ -656,26 +808,37 @@ class OHO(Optimizer):
         nonfinite = [index for index, norm in enumerate(norms) if not math.isfinite(norm)]
         for tangent_index in nonfinite:
             norms[tangent_index] = 0.0
-        self.diagnostics["influence_norm"] = {influence.key_name(self.param_groups, key): norm
+        self._diag()["influence_norm"] = {influence.key_name(self.param_groups, key): norm
                                               for key, norm in zip(keys, norms)}
         return norms, weight_norm, nonfinite
 
     def _hessian_vector_products(self, closure: Closure, norms: List[float], weight_norm: float,
                                  nonzero: List[int], active: List[Tensor], rollback: StepRollback,
-                                 foreach: bool) -> Dict[int, Optional[List[Tensor]]]:
+                                 foreach: bool, scales: Optional[Tuple[Tensor, Tensor]] = None
+                                 ) -> Dict[int, Optional[List[Tensor]]]:
         """H_t (gamma w'_k) over the ``active`` parameters for every tangent ``k`` in ``nonzero`` (``None``
         where it is not finite), changing nothing: the isolation puts weights, grads, RNG and buffers
-        back. All of them are computed before anything is committed (K of them alive at once)."""
-        rel = self.fd_rel if self.fd_rel is not None else relative_step(
-            self.compute_dtype or active[0].dtype, self.hvp)
+        back. All of them are computed before anything is committed (K of them alive at once).
+
+        Sync-free (``scales``: eps and 1/eps per tangent on the device) nothing is read on the host: a zero
+        or non-finite tangent has eps = 0 and reads 0, and a non-finite HVP makes its tangent non-finite,
+        which the deferred norm check of a later step resets."""
+        rel = self._fd_rel(active)
+        weight_storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
         train_grads = [p.grad for p in active]
         hvps: Dict[int, Optional[List[Tensor]]] = {}
         with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
                               replay=(rollback.rng, rollback.buffers), start=rollback.grads.starts(),
-                              foreach=foreach) as isolation:
+                              foreach=foreach, weight_storage=weight_storage) as isolation:
             for tangent_index in nonzero:
-                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
                 tangent = self._discounted_tangent(active, tangent_index)
+                if scales is not None:
+                    eps_t, inverse = scales
+                    hvps[tangent_index] = fd_hvp(isolation, closure, tangent, train_grads, eps=eps_t[tangent_index],
+                                                 inverse=inverse[tangent_index], scheme=self.hvp)
+                    del tangent
+                    continue
+                eps = perturbation_scale(weight_norm, norms[tangent_index], rel)
                 hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp)
                 del tangent
                 finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum()))  # one sync
@@ -685,13 +848,13 @@ class OHO(Optimizer):
     def _discounted_tangent(self, active: List[Tensor], tangent_index: int) -> List[Tensor]:
         """gamma w'_k in the parameters' dtypes (zero for a parameter without a tangent yet), the stored
         tangent untouched: the same values the commit's in-place discount gives it."""
-        stored = [self.state[p]["tangent_w"][tangent_index] if "tangent_w" in self.state.get(p, {}) else None
-                  for p in active]
+        stored = [influence.tangent_slice(self.state[p]["tangent_w"], tangent_index)
+                  if "tangent_w" in self.state.get(p, {}) else None for p in active]
         if self.discount < 1.0:
             present = [t for t in stored if t is not None]
             scaled = iter(torch._foreach_mul(present, self.discount) if present else [])
             stored = [next(scaled) if t is not None else None for t in stored]
-        return [torch.zeros_like(p) if t is None else t.to(p.dtype) for p, t in zip(active, stored)]
+        return [torch.zeros_like(p) if t is None else influence.as_dtype(t, p.dtype) for p, t in zip(active, stored)]
 
     def _advance_influence(self, keys: List[TangentKey], hvps: Dict[int, Optional[List[Tensor]]],
                            works: List[Any], from_zero: bool) -> None:
@@ -718,7 +881,8 @@ class OHO(Optimizer):
                 elif from_zero:
                     part = None  # zero tangents: the update from zero overwrites them, no HVP needed
                 else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
-                    part = [torch.zeros_like(s["tangent_w"][tangent_index]) for s in work.states]
+                    part = [torch.zeros_like(influence.tangent_slice(s["tangent_w"], tangent_index))
+                            for s in work.states]
                 self._rule.update_tangent(group, work, tangent_index, keys[tangent_index],
                                           influence.is_direct(self.param_groups, keys[tangent_index], group_index),
                                           part)
@@ -797,7 +961,10 @@ class OHO(Optimizer):
         if not flat:
             return hyper
         device = flat[0][2].device
-        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device)
+        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device, non_blocking=True)
+        if self._use_sync_free(self._all_params()):
+            self._device_hyper_step(flat, loss_sum)
+            return hyper
         *values, loss_value = torch.stack([h.detach().double() for _, _, h in flat] + [loss_sum]).tolist()
         hypergradients = [(index, name, value) for (index, name, _), value in zip(flat, values)]
         with warnings.catch_warnings():
@@ -809,23 +976,64 @@ class OHO(Optimizer):
                     usage.warned.add(f"lr/{index}")
             outcome = meta.meta_update_(self.param_groups, hypergradients, loss_value,
                                         self._bookkeeping.meta_state, self._meta_config())
+        if outcome == meta.COMMITTED:
+            self._publish_hyperparameters()
+        self._report_hyper_step(outcome, hypergradients, loss_value)
+        return hyper
+
+    def _publish_hyperparameters(self) -> None:
+        """After new values reach ``param_groups``: copy shared values into every member of their hyper
+        group and refresh the effective lr."""
+        hyper_groups.broadcast_shared_(self.param_groups)
+        self._diag()["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
+
+    def _report_hyper_step(self, outcome: str, hypergradients: Sequence[Tuple[int, str, float]],
+                           loss_value: float) -> None:
         if outcome == meta.NONFINITE_HYPERGRADIENT:
             self._bookkeeping.nonfinite_hypergradients += 1
-            self.diagnostics["nonfinite_hypergradients"] = self._bookkeeping.nonfinite_hypergradients
+            self._diag()["nonfinite_hypergradients"] = self._bookkeeping.nonfinite_hypergradients
             warnings.warn("OHO: non-finite validation loss or hypergradient; hyperparameters unchanged")
-            return hyper
+            return
         if outcome == meta.NONFINITE_RESULT:
             self._bookkeeping.nonfinite_hypergradients += 1
             warnings.warn("OHO: the meta-update produced a non-finite value; hyperparameters unchanged")
-            return hyper
-        hyper_groups.broadcast_shared_(self.param_groups)
-        self.diagnostics["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
+            return
         self._bookkeeping.hyper_steps += 1
-        self.diagnostics["val_loss"] = loss_value
-        self.diagnostics["hypergradient"] = {
+        self._diag()["val_loss"] = loss_value
+        self._diag()["hypergradient"] = {
             hyper_groups.variable_name(self.param_groups, index, name): value for index, name, value in hypergradients
         }
-        return hyper
+
+    def _device_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor) -> None:
+        """The meta-update on the device (:class:`ohotorch.meta.DeviceMeta`); its result reaches
+        ``param_groups`` at the start of the second step after this one (see :meth:`hyper_step`)."""
+        entries = [(index, name) for index, name, _ in flat]
+        device_meta = self._device_meta_for(entries, loss_sum.device)
+        self._restart_outside_writes()
+        generations = list(device_meta.generation)
+        packed = device_meta.update(torch.stack([h.detach().double() for _, _, h in flat]), loss_sum)
+        n = len(entries)
+
+        def consume(values: List[float]) -> None:
+            finite_input, committed = values[-2] == 1.0, values[-1] == 1.0
+            outcome = (meta.COMMITTED if committed else
+                       meta.NONFINITE_RESULT if finite_input else meta.NONFINITE_HYPERGRADIENT)
+            hypergradients = [(index, name, h) for (index, name), h in zip(entries, values[4 * n:5 * n])]
+            self._report_hyper_step(outcome, hypergradients, values[5 * n])
+
+        def apply(values: List[float]) -> None:
+            if values[-1] != 1.0:
+                return
+            for i, (index, name) in enumerate(entries):
+                if device_meta.generation[i] != generations[i] or self.__dict__.get("_device_meta") is not device_meta:
+                    continue  # set from outside after this hyper-step: the outside value stands
+                theta, m, v, t = values[i], values[n + i], values[2 * n + i], values[3 * n + i]
+                self.param_groups[index][name] = theta
+                device_meta.written[i] = theta
+                self._bookkeeping.meta_state[f"{index}/{name}"] = {"m": m, "v": v, "t": t, "written": theta}
+            self._publish_hyperparameters()
+
+        self._deferred().add(Record(self._bookkeeping.steps, Readback(packed), consume, apply))
 
     def _meta_config(self) -> meta.MetaConfig:
         return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
@@ -850,6 +1058,7 @@ class OHO(Optimizer):
     @property
     def counters(self) -> Dict[str, int]:
         """Steps, hyper-steps, and how often a non-finite value was refused."""
+        self._report_deferred()
         book = self._bookkeeping
         return {"steps": book.steps, "hyper_steps": book.hyper_steps,
                 "nonfinite_hypergradients": book.nonfinite_hypergradients,
@@ -858,9 +1067,11 @@ class OHO(Optimizer):
     @property
     def _oho(self) -> Dict[str, Any]:
         """The bookkeeping as saved under ``state_dict()["oho"]`` (a copy; read-only view for tools)."""
+        self._settle()
         return self._bookkeeping.to_state()
 
     def state_dict(self) -> Dict[str, Any]:
+        self._settle()  # every deferred result reaches param_groups and the meta state first
         state_dict = super().state_dict()
         state_dict["oho"] = {**self._bookkeeping.to_state(), "optimizer": type(self).__name__}
         return state_dict
@@ -892,6 +1103,7 @@ class OHO(Optimizer):
         state_dict = dict(state_dict)
         saved_bookkeeping = state_dict.pop("oho", None)
         self._refuse_other_family(state_dict, saved_bookkeeping)
+        self._drop_device_meta()
         if saved_bookkeeping is not None:
             saved_bookkeeping = {k: v for k, v in saved_bookkeeping.items() if k != "optimizer"}
         # Keys a foreign (torch.optim) state_dict lacks keep this optimizer's values, not the legacy defaults.

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .adam_tangents import adam_apply_, adam_direction_, adam_tangent_update_
-from .influence import TangentKey
+from .influence import TangentKey, as_dtype, tangent_slice
 from .options import real
 from .sgd_tangents import sgd_apply_, sgd_direction_, sgd_tangent_update_
 
@@ -179,9 +179,9 @@ class SGDRule:
             states = [work.states[i] for i in chosen]
             keeps_tangent_b = uses_buffer and "tangent_b" in states[0]
             sgd_tangent_update_(
-                [s["tangent_w"][index] for s in states],
-                [s["tangent_b"][index] for s in states] if keeps_tangent_b else None,
-                None if hvp is None else [hvp[i].to(work.states[i]["tangent_w"].dtype) for i in chosen],
+                [tangent_slice(s["tangent_w"], index) for s in states],
+                [tangent_slice(s["tangent_b"], index) for s in states] if keeps_tangent_b else None,
+                None if hvp is None else [as_dtype(hvp[i], work.states[i]["tangent_w"].dtype) for i in chosen],
                 [work.params[i] for i in chosen],
                 [work.momentum_buffers[i] for i in chosen] if uses_buffer else None,  # type: ignore[misc]
                 [work.previous_buffers[i] for i in chosen],
@@ -252,11 +252,12 @@ class AdamRule:
 
         def companion(state_key: str) -> Optional[List[Tensor]]:
             # m', v' are not kept when the tangents restart from zero every step
-            return [s[state_key][index] for s in states] if all(state_key in s for s in states) else None
+            return ([tangent_slice(s[state_key], index) for s in states] if all(state_key in s for s in states)
+                    else None)
 
         adam_tangent_update_(
-            [s["tangent_w"][index] for s in states], companion("tangent_m"), companion("tangent_v"),
-            None if hvp is None else [h.to(s["tangent_w"].dtype) for h, s in zip(hvp, states)],
+            [tangent_slice(s["tangent_w"], index) for s in states], companion("tangent_m"), companion("tangent_v"),
+            None if hvp is None else [as_dtype(h, s["tangent_w"].dtype) for h, s in zip(hvp, states)],
             work.params, work.d, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             work.denom, work.bc1, work.bc2_sqrt,
             lr=effective_lr(group), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],

@@ -42,3 +42,57 @@ def test_cuda_dropout_rng_is_replayed():
         sgd.step(closures(sgd, ref, (x, y)))
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+def _bn_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10)).cuda()
+
+
+SYNC_FREE = {
+    "greedy": lambda m: ohotorch.OHO(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, module=m),
+    "full": lambda m: ohotorch.OHO(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, module=m, discount=1.0),
+    "full_central_layerwise": lambda m: ohotorch.OHO(ohotorch.layerwise(m), lr=0.05, momentum=0.9, module=m,
+                                                     weight_decay=1e-3, discount=0.9, hvp="central"),
+    "adam_greedy": lambda m: ohotorch.OHOAdam(m.parameters(), lr=1e-3, weight_decay=1e-3, module=m),
+    "adam_full": lambda m: ohotorch.OHOAdam(m.parameters(), lr=1e-3, weight_decay=1e-3, module=m, discount=1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNC_FREE))
+def test_steady_state_step_and_hyper_step_never_sync(name):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call: a steady-state step
+    and hyper_step make none. The deferred results then arrive: hyperparameters move, counters count."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 1, 8, 8, generator=g).cuda(), torch.randint(0, 10, (32,), generator=g).cuda())
+            for _ in range(4)]
+    model = _bn_cnn()
+    opt = SYNC_FREE[name](model)
+
+    def closure_of(x, y):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    start = dict(opt.param_groups[0])
+    for i in range(3):  # state creation, the first HVPs, the first deferred reads
+        opt.step(closure_of(*data[i % 2]))
+        opt.hyper_step(closure_of(*data[2 + i % 2]))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(4):
+            opt.step(closure_of(*data[i % 2]))
+            opt.hyper_step(closure_of(*data[2 + i % 2]))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.counters["hyper_steps"] == 7 and opt.counters["nonfinite_influence"] == 0
+    opt.state_dict()  # settles every pending result
+    group = opt.param_groups[0]
+    assert group["lr"] != start["lr"] and group["weight_decay"] != start["weight_decay"]
+    if "greedy" not in name:
+        assert min(opt.diagnostics["influence_norm"].values()) > 0

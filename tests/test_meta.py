@@ -104,3 +104,70 @@ def test_missing_meta_lr_is_refused():
     config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {"lr": 0.1}})
     with pytest.raises(ValueError, match="meta_lr has no value for 'weight_decay'"):
         meta.meta_update_(_groups(), [(0, "weight_decay", 1.0)], 1.0, {}, config)
+
+
+def _device_run(config, groups, entries, hypergradients, losses):
+    """DeviceMeta over a sequence of hyper-steps; returns the values and states after each."""
+    import torch
+    dm = meta.DeviceMeta(entries, [groups[i][n] for i, n in entries], [{} for _ in entries], config,
+                         torch.device("cpu"))
+    out = []
+    for h, loss in zip(hypergradients, losses):
+        packed = dm.update(torch.tensor(h, dtype=torch.float64), torch.tensor(loss, dtype=torch.float64)).tolist()
+        out.append(packed)
+    return out
+
+
+@pytest.mark.parametrize("optimizer, space", [("adam", "log"), ("adam", "raw"), ("sgd", "log"), ("sgd", "raw")])
+def test_device_meta_matches_the_float_meta_update(optimizer, space):
+    """The same hyper-steps through meta_update_ (floats) and DeviceMeta (tensors): the same values and
+    meta states, through clipping (an outlier at step 4), bounds, meta_lr = 0 and a non-finite step."""
+    import random
+    rng = random.Random(0)
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "optimizer": optimizer, "space": space,
+                                "meta_lr": {"lr": 0.3 if space == "log" else 0.01, "weight_decay": 0.0,
+                                            "momentum": 0.2 if space == "log" else 0.01}})
+    entries = [(0, "lr"), (0, "weight_decay"), (1, "momentum")]
+    groups = [{"lr": 0.1, "weight_decay": 1e-3}, {"momentum": 0.9}]
+    hs = [[rng.gauss(0, 1) for _ in entries] for _ in range(12)]
+    hs[4][0] *= 1e6  # an outlier: clipped by Adam
+    hs[7][2] = -50.0  # momentum pushed past its bound
+    losses = [1.0] * 12
+    losses[9] = float("nan")  # refused
+    device = _device_run(config, [dict(g) for g in groups], entries, hs, losses)
+    state = {}
+    n = len(entries)
+    for h, loss, packed in zip(hs, losses, device):
+        outcome = meta.meta_update_(groups, [(i, name, v) for (i, name), v in zip(entries, h)], loss, state, config)
+        assert (packed[-1] == 1.0) == (outcome == meta.COMMITTED)
+        for k, (i, name) in enumerate(entries):
+            # abs_tol: exp(phi) - c near the log offset c = 1e-8 cancels; 1e-18 is 1e-10 of c
+            assert math.isclose(packed[k], groups[i][name], rel_tol=1e-12, abs_tol=1e-18), (name, packed[k])
+            saved = state.get(f"{i}/{name}", {})
+            for row, key in enumerate(("m", "v", "t"), start=1):
+                assert math.isclose(packed[row * n + k], saved.get(key, 0.0), rel_tol=1e-12, abs_tol=1e-300)
+    assert 0.0 <= groups[1]["momentum"] <= 0.999 and groups[0]["weight_decay"] == 1e-3
+
+
+def test_adam_clip_bounds_an_outlier():
+    """After an outlier 1e19 times the usual hypergradient, phi moves at most META_CLIP meta learning
+    rates and the second moment grows by at most 1 + (1 - beta2)(k^2 - 1)."""
+    state = {}
+    phi = 0.0
+    for _ in range(5):
+        phi = meta.meta_adam_step(phi, 1.0, state, lr=0.1, betas=(0.9, 0.999), eps=0.0)
+    v_before = state["v"]
+    t = state["t"]
+    bound = meta.META_CLIP * math.sqrt(v_before / (1 - 0.999 ** t))
+    new_phi = meta.meta_adam_step(phi, 1e19, state, lr=0.1, betas=(0.9, 0.999), eps=0.0)
+    assert abs(new_phi - phi) <= meta.META_CLIP * 0.1 / (1 - 0.9 ** (t + 1))
+    assert state["v"] == pytest.approx(0.999 * v_before + 0.001 * bound ** 2)
+
+
+def test_huge_meta_lr_is_clamped_in_meta_space():
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {"lr": 1e6, "weight_decay": 1e6}})
+    groups = [{"lr": 0.1, "weight_decay": 1e-3}]
+    state = {}
+    assert meta.meta_update_(groups, [(0, "lr", -1.0), (0, "weight_decay", 1.0)], 1.0, state, config) == meta.COMMITTED
+    assert groups[0]["lr"] == pytest.approx(math.exp(meta.LOG_SPACE_MAX)) and groups[0]["weight_decay"] == 0.0
+    assert math.isfinite(groups[0]["lr"])

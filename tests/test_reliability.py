@@ -263,8 +263,6 @@ class MixedNet(nn.Module):
         return self.b(h.to(self.b.weight.dtype)).double()
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: the finite-difference step follows the first parameter's "
-                                       "dtype, too small for the float32 gradients")
 def test_mixed_float64_float32_parameters_hypergradient():
     """Full horizon, forward differences, float64 parameters first, float32 after: the hypergradients
     agree with the same run in float64 throughout to 1e-3, i.e. the float32 gradients get a step suited
@@ -324,8 +322,6 @@ def _lr_moves(outlier_factor, steps=60, outlier_at=10):
     return sorted(after)[len(after) // 2]
 
 
-@pytest.mark.xfail(strict=True, reason="reliability: one outlier validation batch inflates the meta-Adam "
-                                       "second moment and freezes lr tuning")
 @pytest.mark.parametrize("factor", [1e3, 1e19])
 def test_one_outlier_validation_batch_does_not_freeze_tuning(factor):
     """One validation loss scaled by ``factor`` once: the median lr move over the following hyper-steps
@@ -509,8 +505,6 @@ def test_refused_sharded_group_is_not_added():
 
 
 # ---------------------------------------------------------------------------------------- 14. meta overflow
-@pytest.mark.xfail(strict=True, reason="reliability: a huge meta_lr overflows the meta map (Adam) or writes a "
-                                       "huge lr (SGD) with meta state already advanced")
 @pytest.mark.parametrize("meta", [dict(meta_lr=1000.0), dict(meta_optimizer="sgd", meta_lr=1e100)])
 def test_huge_meta_lr_never_overflows(meta):
     """Hyper-steps with an absurd meta_lr (log space: Adam, and SGD) never raise: hyperparameters stay
