@@ -20,7 +20,9 @@ and reports median milliseconds per step, the ratio to the matching plain step, 
 variant sees the same batches, is warmed up, and is timed over ``iters`` steps with device
 synchronisation only around the block of ``iters`` steps, as in a training loop (``--repeats R``: R
 interleaved passes over the variants, the median of the R passes). ``issue_ms``: the host's time to
-return from one step (and hyper-step) started on an idle device, a blocking sync included.
+return from one step (and hyper-step) started on an idle device, any blocking sync included, and any
+wait for room in the device's launch queue, which a long step can fill (then it approaches the step's
+GPU time: ``host_ms`` is the host measure).
 
 **Where the time goes** (CUDA; ``--profile-steps N``, 0 turns it off). After the timed steps each
 variant runs N more steps (whole hyper-step cycles for ``_h10``) three times:

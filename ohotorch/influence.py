@@ -55,6 +55,22 @@ def tangent_slices(t: Tensor) -> Tuple[Tensor, ...]:
     return slices
 
 
+_FLAT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def tangent_matrix(t: Tensor) -> Tensor:
+    """``t.view(K, -1)`` for a contiguous tangent tensor, made once per tensor (as :func:`tangent_slices`)."""
+    flat = _FLAT.get(t)
+    if flat is None or flat.data_ptr() != t.data_ptr():
+        if not t.is_contiguous():
+            return t.reshape(t.shape[0], -1)
+        with torch.no_grad():
+            flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                t.untyped_storage(), t.storage_offset(), (t.shape[0], t[0].numel()), (t[0].numel(), 1))
+        _FLAT[t] = flat
+    return flat
+
+
 def tangent_slice(t: Tensor, k: int) -> Tensor:
     """``t[k]`` without dispatching an op (see :func:`tangent_slices`)."""
     return tangent_slices(t)[k]
@@ -183,7 +199,7 @@ def contract(
                 tangents, grad = torch.view_as_real(tangents), torch.view_as_real(as_dtype(grad, tangents.dtype))
             flat_grad = as_dtype(grad, tangents.dtype)
             flat_grad = flat_grad.view(-1) if flat_grad.is_contiguous() else flat_grad.reshape(-1)
-            contributions[group_index].append(torch.mv(tangents.reshape(n_keys, -1), flat_grad))
+            contributions[group_index].append(torch.mv(tangent_matrix(tangents), flat_grad))
     reference = next((c[0] for c in contributions if c), None)
     if reference is None:
         per_group = [torch.zeros(n_keys) for _ in range(n_groups)]

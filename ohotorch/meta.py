@@ -285,6 +285,12 @@ class DeviceMeta:
          self.offset) = torch.tensor(constants, dtype=torch.float64).to(device).unbind(0)
         self.high_exact, self.momentum = high_exact_t.bool(), momentum_t.bool()
         self.frozen = self.meta_lr == 0.0
+        # The log-space maps in one form: with q = max(a theta + b, floor) (lr-like: a = 1, b = floor = c;
+        # momentum: a = -1, b = 1, floor = 1e-12), phi = s log q, d theta / d phi = q and
+        # theta = (exp(s phi) - b) / a (s = 1, or -1 for momentum).
+        self.sign = torch.where(self.momentum, -1.0, 1.0)
+        self.shift = torch.where(self.momentum, 1.0, self.offset)
+        self.floor = torch.where(self.momentum, 1e-12, self.offset)
         self.written = [float(v) for v in values]
         self.generation = [0] * len(self.entries)
 
@@ -295,21 +301,10 @@ class DeviceMeta:
         self.written[i] = value
         self.generation[i] += 1
 
-    def _to_meta(self, theta: Tensor) -> Tensor:
-        if self.config.space == "raw":
-            return theta
-        return torch.where(self.momentum, -torch.log((1.0 - theta).clamp_min(1e-12)),
-                           torch.log(theta.clamp_min(0.0) + self.offset))
-
-    def _derivative(self, theta: Tensor) -> Tensor:
-        if self.config.space == "raw":
-            return torch.ones_like(theta)
-        return torch.where(self.momentum, (1.0 - theta).clamp_min(1e-12), theta.clamp_min(0.0) + self.offset)
-
     def _from_meta(self, phi: Tensor) -> Tensor:
         if self.config.space == "raw":
             return phi
-        return torch.where(self.momentum, 1.0 - torch.exp(-phi), torch.exp(phi) - self.offset)
+        return (torch.exp(phi * self.sign) - self.shift) * self.sign  # 1 / a = a = s
 
     def update(self, hypergradients: Tensor, loss: Tensor) -> Tensor:
         """One hyper-step on the device; returns ``[state (4n), h (n), loss, finite input, committed]``.
@@ -318,8 +313,12 @@ class DeviceMeta:
         """
         theta, m, v, t = self.state.unbind(0)
         h = hypergradients
-        grad = h * self._derivative(theta)
-        phi = self._to_meta(theta)
+        if self.config.space == "raw":
+            grad, phi = h, theta
+        else:
+            q = torch.maximum(torch.addcmul(self.shift, self.sign, theta), self.floor)  # = d theta / d phi
+            grad = h * q
+            phi = torch.log(q) * self.sign
         if self.config.optimizer == "adam":
             b1, b2 = self.config.betas
             v_hat_previous = torch.where(t > 0, v / (1.0 - torch.pow(b2, t)), torch.zeros_like(v))

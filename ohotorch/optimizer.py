@@ -19,12 +19,34 @@ nothing of the optimizer's is written before (3): if any evaluation of (2) fails
 objects, their values too when HVPs ran), the RNG and the module's buffers back, and the isolation
 the weights: the strong exception guarantee.
 
-**Host syncs**, the places a sync-free GPU path would replace by on-device ``torch.where``: the tangent
-norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiteness), the finiteness of
-the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._hessian_vector_products`), and
-the hypergradients with the validation loss (one ``.tolist()`` in :meth:`OHO.hyper_step`, then scalar
-work in :func:`ohotorch.meta.meta_update_`). With the greedy default (no HVP) a step has one sync, the
-training loss's finiteness.
+**Host syncs.** On CPU parameters the shell reads what it decides on (tangent norms, finiteness of the
+training loss, of each HVP, of the hypergradients) as Python values, which costs nothing there. When
+every parameter is on CUDA it takes the **sync-free path**, on which a steady-state ``step`` and
+``hyper_step`` never make the host wait for the device:
+
+* the perturbation scales are 0-d device tensors computed from the norms (0 for a zero or non-finite
+  tangent, whose HVP then reads zero); every tangent gets its HVP (none is skipped for being zero);
+* the meta-update runs on the device (:class:`ohotorch.meta.DeviceMeta`, the same arithmetic as
+  :func:`ohotorch.meta.meta_update_`, all or nothing by ``torch.where``);
+* what Python must know comes back through :mod:`ohotorch.deferred` (pinned memory and an event):
+  counters, warnings and diagnostics when they are read; the tuned values into ``param_groups`` at the
+  start of the second step after the hyper-step that computed them; the reset of a non-finite tangent
+  at the start of the step after the one whose norms found it;
+* a non-finite training loss or HVP is not looked at when it happens: it makes the tangents
+  non-finite, and the deferred norm check resets them to zero (counted and warned about) within two
+  steps; a tangent never moves the weights (the perturbations are undone by copy), and a non-finite
+  hypergradient never reaches a hyperparameter.
+
+**The one-step lag** (sync-free path only). A hyper-step's values are computed on the device at once,
+and the next hyper-step continues from them, but they reach ``param_groups``, and so the inner step,
+one step later than on CPU: the step right after a hyper-step still uses the previous values.
+Waiting for them instead would drain the device's queue at every step. What stays exact: a value set
+in ``param_groups`` from outside (by the user or a scheduler) between steps is seen at the next step
+or hyper-step and wins over any pending result (its meta state restarts, as on CPU); ``state_dict()``
+first applies every pending result, so a checkpoint holds the newest values and the resumed run
+continues as the original does after the same call; ``counters`` and ``diagnostics`` wait for the
+pending results when read (the only blocking reads). ``_sync_free = True`` / ``False`` on an instance
+forces the path either way (the tests run the sync-free path on CPU tensors).
 """
 from __future__ import annotations
 
@@ -764,7 +786,7 @@ class OHO(Optimizer):
 
         A zero or non-finite tangent gets eps = 1/eps = 0: its HVP perturbs nothing and reads zero. The
         norms come back to the host later (:mod:`ohotorch.deferred`): the diagnostics, and the reset of a
-        non-finite tangent to zero, with its warning and count, at the start of the step after next.
+        non-finite tangent to zero, with its warning and count, at the start of the next step.
         """
         pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
         if not keys or not pairs:  # no tangent yet: nothing to perturb
@@ -946,6 +968,11 @@ class OHO(Optimizer):
         and ``diagnostics["effective_lr"]`` are refreshed. A non-finite validation loss or hypergradient changes
         nothing, is counted in ``diagnostics["nonfinite_hypergradients"]`` and warned about. Returns the
         hypergradients.
+
+        On CUDA (the sync-free path, see the module docstring) nothing is read on the host: the new
+        values reach ``param_groups`` at the start of the second step after this call (or at
+        ``state_dict()``), and the counts and warnings come when ``counters`` / ``diagnostics`` are read
+        or the values are applied.
         """
         hyper, loss = self._hypergradient(val_closure)
         usage = self._usage
