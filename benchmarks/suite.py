@@ -117,8 +117,7 @@ def build_optimizer(method: str, model: nn.Module, task: suite_tasks.Task, lr: O
         opt = Prodigy(params, lr=1.0, weight_decay=wd, use_bias_correction=True, safeguard_warmup=True)
         return opt, cosine(opt)
     if method.startswith("oho"):
-        import ohotorch
-
+        ohotorch = common.import_ohotorch()
         module = model if _has_batchnorm(model) else None
         if task.family == "adamw":
             return ohotorch.OHOAdamW(params, lr=lr, weight_decay=task.weight_decay, module=module,
@@ -205,7 +204,7 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     def evaluate(step: int, wall: float) -> None:
         if schedule_free:
             opt.eval()
-            if _has_batchnorm(model):  # schedule-free's averaged weights need their own BN statistics
+            if step > 0 and _has_batchnorm(model):  # the averaged weights need their own BN statistics
                 with torch.no_grad():
                     calib = task.train_stream(seed + 7919)
                     for _ in range(20):
@@ -223,10 +222,10 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
         opt.train()
     evaluate(0, 0.0)
     initial_test_loss = evals["test_loss"][0]
-    wall, diverged = 0.0, False
+    wall, cpu, diverged = 0.0, 0.0, False
     window, window_n, val_window, val_n = 0.0, 0, 0.0, 0
     step = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(1, steps + 1):
         x, y = next(train)
         loss = float(opt.step(_closure(opt, task, model, [(x, y)])))
@@ -256,12 +255,14 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
             break
         if step in eval_at:
             wall += time.perf_counter() - start
+            cpu += time.process_time() - cpu_start
             evaluate(step, wall)
-            start = time.perf_counter()
-    if not diverged or step not in eval_at:
+            start, cpu_start = time.perf_counter(), time.process_time()
+    if diverged or step not in eval_at:
         wall += time.perf_counter() - start
+        cpu += time.process_time() - cpu_start
     lr, wd = effective_hypers(opt)
-    final = {"steps": step, "diverged": diverged, "wall_time_s": _r(wall), "final_lr": _r(lr),
+    final = {"steps": step, "diverged": diverged, "wall_time_s": _r(wall), "cpu_time_s": _r(cpu), "final_lr": _r(lr),
              "final_weight_decay": _r(wd), "initial_test_loss": initial_test_loss}
     if diverged:
         final.update(test_loss=None, test_acc=None, val_loss=None)
@@ -359,6 +360,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
                     "score": _r(_score(cell)), "failed": sum(_failed(r) for r in cell),
                     "test_acc": _r(_mean_std([r.get("test_acc") for r in cell])[0]),
                     "wall_time_s": _r(_mean_std([r.get("wall_time_s") for r in cell])[0], 4),
+                    "cpu_time_s": _r(_mean_std([r.get("cpu_time_s") for r in cell])[0], 4),
                     "final_lr": _r(_geo([r["final_lr"] for r in cell if r.get("final_lr")])),
                     "final_weight_decay": _r(_geo([r["final_weight_decay"] for r in cell
                                                    if r.get("final_weight_decay")])),
@@ -370,16 +372,18 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             if points:
                 best = min(points, key=lambda row: row["score"] if row["score"] is not None else math.inf)
                 entry[key] = {"method": grid, "lr": best["lr"], "test_loss": best["score"]}
-        plain = [r.get("wall_time_s") for r in mine if r["method"] == PLAIN[family] and not r.get("diverged")
-                 and r.get("wall_time_s")]
-        entry["plain_wall_time_s"] = _r(statistics.fmean(plain), 4) if plain else None
+        # cost: CPU time of the training loop (one thread per run), which a shared machine's load does not
+        # inflate the way it inflates wall time; the two agree on a dedicated core
+        plain = [r.get("cpu_time_s") for r in mine if r["method"] == PLAIN[family] and not r.get("diverged")
+                 and r.get("cpu_time_s")]
+        entry["plain_cpu_time_s"] = _r(statistics.fmean(plain), 4) if plain else None
         oho = {}
         for method in dict.fromkeys(r["method"] for r in mine if r["method"].startswith("oho")):
             cells = {}
             for lr in dict.fromkeys(r["lr"] for r in mine if r["method"] == method):
                 cells[lr] = _score([r for r in mine if r["method"] == method and r["lr"] == lr])
             median = statistics.median(cells.values())
-            walls = [r.get("wall_time_s") for r in mine if r["method"] == method and r.get("wall_time_s")
+            costs = [r.get("cpu_time_s") for r in mine if r["method"] == method and r.get("cpu_time_s")
                      and not r.get("diverged")]
             result: Dict[str, Any] = {
                 "per_lr0": {str(k): _r(v) for k, v in cells.items()}, "median_test_loss": _r(median),
@@ -392,8 +396,8 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
                     ratio = median / entry[key]["test_loss"]
                     result[f"ratio_{key}"] = _r(ratio, 4)
                     result[f"goal_{key}"] = ratio <= GOAL_RATIO
-            if walls and entry["plain_wall_time_s"]:
-                result["cost_ratio"] = _r(statistics.fmean(walls) / entry["plain_wall_time_s"], 3)
+            if costs and entry["plain_cpu_time_s"]:
+                result["cost_ratio"] = _r(statistics.fmean(costs) / entry["plain_cpu_time_s"], 3)
                 result["goal_cost"] = result["cost_ratio"] <= GOAL_COST
             oho[method] = result
         entry["oho"] = oho
@@ -445,13 +449,14 @@ def markdown(summary: Dict[str, Any], header: str) -> str:
     lines = [header, ""]
     for name, entry in summary["tasks"].items():
         lines += [f"### {name} ({entry['family']})", "",
-                  "| method | lr (lr0 for OHO) | test loss (mean ± std) | test acc | failed | wall s | final lr | final wd |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | lr (lr0 for OHO) | test loss (mean ± std) | test acc | failed | wall s | cpu s | final lr "
+                  "| final wd |", "|---|---|---|---|---|---|---|---|---|"]
         for row in entry["rows"]:
             std = f" ± {row['test_loss_std']:.4f}" if row["test_loss_std"] is not None else ""
             lines.append(f"| {row['method']} | {_fmt(row['lr'], 'g')} | {_fmt(row['test_loss'])}{std} | "
                          f"{_fmt(row['test_acc'], '.3f')} | {row['failed']}/{row['seeds']} | "
-                         f"{_fmt(row['wall_time_s'], '.1f')} | {_fmt(row['final_lr'], '.3g')} | "
+                         f"{_fmt(row['wall_time_s'], '.1f')} | {_fmt(row['cpu_time_s'], '.1f')} | "
+                         f"{_fmt(row['final_lr'], '.3g')} | "
                          f"{_fmt(row['final_weight_decay'], '.3g')} |")
         lines.append("")
         best = [f"best {k.split('_')[1]} grid point: {v['method']} lr {v['lr']:g}, test loss {_fmt(v['test_loss'])}"
@@ -475,7 +480,7 @@ def markdown(summary: Dict[str, Any], header: str) -> str:
     lines += ["", "Failed: diverged (non-finite loss) or final test loss >= 0.9x the initial one. OHO rows: "
               "median over the three initial lrs of the mean over seeds; goals: within "
               f"{GOAL_RATIO}x of the best fixed and cosine grid points, no failed run, at most {GOAL_COST}x the "
-              "wall time of a plain run (fixed-lr SGD / AdamW)."]
+              "training time of a plain run (fixed-lr SGD / AdamW), measured as CPU time of one-thread runs."]
     return "\n".join(lines) + "\n"
 
 
@@ -515,6 +520,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", default="", help="results file (default benchmarks/results/suite/suite[_quick].json)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--summarise", default="", help="re-summarise an existing results file; no training")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="RESULTS",
+                        help="merge these results files (e.g. one per task) into --out and summarise; no training")
     args = parser.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     for name in args.tasks:
@@ -560,6 +567,8 @@ def _execute(specs: List[Dict[str, Any]], workers: int, progress: bool,
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out) if args.out else RESULTS_DIR / "suite.json")
     if args.summarise:
         path = Path(args.summarise)
         payload = json.loads(path.read_text())
@@ -604,6 +613,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out.with_suffix(".md").write_text(text)
     print(text)
     print(f"results: {out} ({payload['total_wall_time_s']:.0f} s, {len(specs)} runs, {args.workers} workers)")
+    payload["path"] = str(out)
+    return payload
+
+
+def merge(paths: Sequence[str], out: Path) -> Dict[str, Any]:
+    """One results file from several (runs concatenated, each part's configuration kept under "parts")."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    payload = dict(parts[0])
+    payload["runs"] = [r for part in parts for r in part["runs"]]
+    payload["tasks"] = {k: v for part in parts for k, v in part["tasks"].items()}
+    payload["variants"] = {k: v for part in parts for k, v in part["variants"].items()}
+    payload["parts"] = [{"file": Path(p).name, "config": part["config"], "total_wall_time_s": part.get("total_wall_time_s"),
+                         "environment": part["environment"], "complete": part.get("complete")}
+                        for p, part in zip(paths, parts)]
+    payload["complete"] = all(part.get("complete") for part in parts)
+    payload["total_wall_time_s"] = _r(sum(part.get("total_wall_time_s") or 0.0 for part in parts), 4)
+    payload["summary"] = summarise(payload["runs"])
+    common.write_results(payload, out)
+    text = markdown(payload["summary"], _header(payload))
+    out.with_suffix(".md").write_text(text)
+    print(text)
     payload["path"] = str(out)
     return payload
 

@@ -129,7 +129,8 @@ def digits(model: str, quick: bool) -> Task:
         width = 8 if quick else 32
         model_fn = functools.partial(common.small_cnn, 1, 8, width, 10)
     return Task(
-        name=f"digits_{model}", family="sgd", evals=2 if quick else 10, steps=steps, batch_size=batch, model_fn=model_fn,
+        name=f"digits_{model}", family="sgd", evals=2 if quick else 10, steps=steps, batch_size=batch,
+        model_fn=model_fn,
         train_stream=lambda seed: _cycle_shuffled(*splits["train"], batch, seed * 1000),
         val_stream=lambda seed: _cycle_shuffled(*splits["val"], 100, seed * 1000 + 1),
         eval_sets={"val": splits["val"], "test": splits["test"]},
@@ -243,9 +244,9 @@ def _teacher_stream(teacher: _Teacher, batch_size: int, seed: int) -> Iterator[B
 def teacher_student(quick: bool) -> Task:
     n_val, n_test = (128, 128) if quick else (2048, 4096)
     teacher, sets = _teacher_sets(n_val, n_test)
-    batch = 32 if quick else 64
+    batch = 32
     width = 4 if quick else 8
-    steps = 12 if quick else 2000
+    steps = 12 if quick else 1200
     counts = torch.bincount(sets["test"][1], minlength=10).tolist()
     return Task(
         name="teacher", family="sgd", evals=2 if quick else 10, steps=steps, batch_size=batch,
@@ -334,7 +335,7 @@ def char_lm(quick: bool) -> Task:
     context = 16 if quick else 32
     width = 16 if quick else 48
     batch = 16 if quick else 32
-    steps = 12 if quick else 1500
+    steps = 12 if quick else 1000
     eval_windows = 32 if quick else 512
     return Task(
         name="charlm", family="adamw", evals=2 if quick else 10, steps=steps, batch_size=batch,
