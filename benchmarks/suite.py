@@ -431,8 +431,8 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         mine = geo[method]["geomean_test_loss"]
         for rival in ("schedule_free", "prodigy"):
             if rival in geo and geo[method]["complete"] and geo[rival]["complete"]:
-                geo[method][f"goal_ahead_of_{rival}"] = mine is not None and geo[rival]["geomean_test_loss"] is not None \
-                    and mine < geo[rival]["geomean_test_loss"]
+                theirs = geo[rival]["geomean_test_loss"]
+                geo[method][f"goal_ahead_of_{rival}"] = mine is not None and theirs is not None and mine < theirs
     return {"tasks": tasks, "geomean": geo}
 
 
@@ -449,8 +449,8 @@ def markdown(summary: Dict[str, Any], header: str) -> str:
     lines = [header, ""]
     for name, entry in summary["tasks"].items():
         lines += [f"### {name} ({entry['family']})", "",
-                  "| method | lr (lr0 for OHO) | test loss (mean ± std) | test acc | failed | wall s | cpu s | final lr "
-                  "| final wd |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | lr (lr0 for OHO) | test loss (mean ± std) | test acc | failed | wall s | cpu s "
+                  "| final lr | final wd |", "|---|---|---|---|---|---|---|---|---|"]
         for row in entry["rows"]:
             std = f" ± {row['test_loss_std']:.4f}" if row["test_loss_std"] is not None else ""
             lines.append(f"| {row['method']} | {_fmt(row['lr'], 'g')} | {_fmt(row['test_loss'])}{std} | "
@@ -462,8 +462,8 @@ def markdown(summary: Dict[str, Any], header: str) -> str:
         best = [f"best {k.split('_')[1]} grid point: {v['method']} lr {v['lr']:g}, test loss {_fmt(v['test_loss'])}"
                 for k, v in entry.items() if k in ("best_fixed", "best_cosine")]
         lines += ["; ".join(best) + ".", ""]
-        lines += ["| OHO method | median test loss over lr0 | vs best fixed | vs best cosine | failed runs | cost x plain |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| OHO method | median test loss over lr0 | vs best fixed | vs best cosine | failed runs "
+                  "| cost x plain |", "|---|---|---|---|---|---|"]
         for method, result in entry["oho"].items():
             lines.append(
                 f"| {method} | {_fmt(result['median_test_loss'])} | {_fmt(result.get('ratio_best_fixed'), '.3f')} "
@@ -473,7 +473,8 @@ def markdown(summary: Dict[str, Any], header: str) -> str:
                 f"{_yes(result.get('goal_cost'))} |")
         lines.append("")
     lines += ["### Geometric mean of the final test loss over tasks", "",
-              "| method | geometric mean | tasks | ahead of schedule-free | ahead of Prodigy |", "|---|---|---|---|---|"]
+              "| method | geometric mean | tasks | ahead of schedule-free | ahead of Prodigy |",
+              "|---|---|---|---|---|"]
     for method, g in summary["geomean"].items():
         lines.append(f"| {method} | {_fmt(g['geomean_test_loss'])} | {len(g['tasks'])} | "
                      f"{_yes(g.get('goal_ahead_of_schedule_free'))} | {_yes(g.get('goal_ahead_of_prodigy'))} |")
@@ -602,10 +603,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for record in _execute(specs, args.workers, not args.no_progress, checkpoint):
         payload["runs"].append(record)
         if record.get("error") and not args.no_progress:
-            print(f"\n{record['task']} {record['method']} lr={record['lr']} seed={record['seed']}: {record['error']}",
-                  file=sys.stderr)
-    key = lambda r: (args.tasks.index(r["task"]), r["method"], r["lr"] if r["lr"] is not None else 0, r["seed"])  # noqa: E731
-    payload["runs"].sort(key=key)
+            print(f"\n{record['task']} {record['method']} lr={record['lr']} seed={record['seed']}: "
+                  f"{record['error']}", file=sys.stderr)
+    payload["runs"].sort(key=lambda r: (args.tasks.index(r["task"]), r["method"],
+                                        r["lr"] if r["lr"] is not None else 0, r["seed"]))
     payload["complete"] = True
     payload["summary"] = summarise(payload["runs"])
     checkpoint()
@@ -624,8 +625,9 @@ def merge(paths: Sequence[str], out: Path) -> Dict[str, Any]:
     payload["runs"] = [r for part in parts for r in part["runs"]]
     payload["tasks"] = {k: v for part in parts for k, v in part["tasks"].items()}
     payload["variants"] = {k: v for part in parts for k, v in part["variants"].items()}
-    payload["parts"] = [{"file": Path(p).name, "config": part["config"], "total_wall_time_s": part.get("total_wall_time_s"),
-                         "environment": part["environment"], "complete": part.get("complete")}
+    payload["parts"] = [{"file": Path(p).name, "config": part["config"],
+                         "total_wall_time_s": part.get("total_wall_time_s"), "environment": part["environment"],
+                         "complete": part.get("complete")}
                         for p, part in zip(paths, parts)]
     payload["complete"] = all(part.get("complete") for part in parts)
     payload["total_wall_time_s"] = _r(sum(part.get("total_wall_time_s") or 0.0 for part in parts), 4)
