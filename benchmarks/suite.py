@@ -625,10 +625,11 @@ def merge(paths: Sequence[str], out: Path) -> Dict[str, Any]:
     payload["runs"] = [r for part in parts for r in part["runs"]]
     payload["tasks"] = {k: v for part in parts for k, v in part["tasks"].items()}
     payload["variants"] = {k: v for part in parts for k, v in part["variants"].items()}
-    payload["parts"] = [{"file": Path(p).name, "config": part["config"],
-                         "total_wall_time_s": part.get("total_wall_time_s"), "environment": part["environment"],
-                         "complete": part.get("complete")}
-                        for p, part in zip(paths, parts)]
+    payload["parts"] = []
+    for path, part in zip(paths, parts):  # a merged file brings its own parts
+        payload["parts"] += part.get("parts") or [{
+            "file": Path(path).name, "config": part["config"], "total_wall_time_s": part.get("total_wall_time_s"),
+            "environment": part["environment"], "complete": part.get("complete")}]
     payload["complete"] = all(part.get("complete") for part in parts)
     payload["total_wall_time_s"] = _r(sum(part.get("total_wall_time_s") or 0.0 for part in parts), 4)
     payload["summary"] = summarise(payload["runs"])
