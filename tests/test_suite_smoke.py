@@ -146,3 +146,16 @@ def test_process_pool(tmp_path):
 def test_unknown_task_is_refused():
     with pytest.raises(SystemExit):
         suite.main(["--tasks", "nope"])
+
+
+def test_merge_of_per_task_files_gives_the_same_summary(quick, tmp_path):
+    _, payload = quick
+    paths = []
+    for name in suite_tasks.TASKS:
+        part = dict(payload, runs=[r for r in payload["runs"] if r["task"] == name],
+                    tasks={name: payload["tasks"][name]})
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(part))
+    merged = suite.main(["--merge", *map(str, paths), "--out", str(tmp_path / "merged.json")])
+    assert merged["summary"] == payload["summary"] and len(merged["parts"]) == len(paths)
+    assert json.loads((tmp_path / "merged.json").read_text())["complete"]
