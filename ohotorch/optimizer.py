@@ -254,8 +254,12 @@ class OHO(Optimizer):
     and the copy's ``module`` is the copied model), counters, meta-optimizer state and influence; the
     copy continues exactly like the original. Registered hooks are not copied (as torch.optim).
 
+    **Loss hyperparameters.** ``rho = opt.hyperparameter("aux_weight", 0.1, bounds=(0, 10))`` declares a
+    hyperparameter the training closure reads (``loss = main + rho.value * aux``), tuned with the others;
+    one extra gradient evaluation per element and step (:mod:`ohotorch.loss_hyperparameters`).
+
     **state_dict.** torch.optim's, plus ``"oho"`` (counters, tangent layout, meta-optimizer state and the
-    class name). A plain torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into
+    class name; the loss hyperparameters' values and meta state under ``"loss_hyperparameters"``). A plain torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into
     OHOAdam / OHOAdamW); param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
 
     Complex parameters are supported (as by torch.optim.SGD): a complex parameter is its real and
@@ -985,7 +989,8 @@ class OHO(Optimizer):
         ``val_closure`` clears grads, computes the validation loss, calls backward and returns the loss.
         Returns one dict per param group (in ``param_groups`` order) mapping each tuned name to a 0-d
         tensor; the param groups of a shared hyper group all report the derivative by their one shared
-        value. Grads, RNG state and module buffers are as they were before the call.
+        value. Grads, RNG state and module buffers are as they were before the call. The derivatives by the
+        loss hyperparameters (:meth:`hyperparameter`) are stored in their ``grad``.
         """
         hyper, _ = self._hypergradient(val_closure)
         return hyper

@@ -352,3 +352,38 @@ def test_without_loss_hyperparameters_nothing_changes():
     opt = ohotorch.OHO(model.parameters(), lr=0.1, tune=("lr",))
     run(model, opt, train[:2], val)
     assert "loss_hyperparameters" not in opt.state_dict()["oho"]
+
+
+def test_nonfinite_validation_loss_changes_nothing():
+    train, val = _data()
+    model = mlp((64, 16, 11))
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, tune=("lr",))
+    rho = opt.hyperparameter("aux_weight", 0.5)
+    run(model, opt, train[:1], val, rho=rho)
+    meta_before = copy.deepcopy(opt.state_dict()["oho"])
+
+    def val_closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(val[0])[:, :10], val[1]) * math.nan
+        loss.backward()
+        return loss
+    with pytest.warns(UserWarning, match="non-finite"):
+        opt.hyper_step(val_closure)
+    assert rho.item() == 0.5 and opt.param_groups[0]["lr"] == 0.1
+    after = opt.state_dict()["oho"]
+    assert after["loss_hyperparameters"] == meta_before["loss_hyperparameters"]
+    assert after["nonfinite_hypergradients"] == 1
+
+
+def test_deepcopy_continues_like_the_original():
+    train, val = _data()
+    model = mlp((64, 16, 11))
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, tune=("lr", "momentum"), discount=1.0)
+    rho = opt.hyperparameter("aux_weight", 0.5)
+    run(model, opt, train[:2], val, rho=rho)
+    model2, opt2 = copy.deepcopy((model, opt))
+    rho2 = opt2.loss_hyperparameters["aux_weight"]
+    assert rho2 is not rho and rho2.item() == rho.item()
+    a = run(model, opt, train[2:4], val, rho=rho)
+    b = run(model2, opt2, train[2:4], val, rho=rho2)
+    assert float(rho.grad) == float(rho2.grad) and float(a[0]["lr"]) == float(b[0]["lr"])
