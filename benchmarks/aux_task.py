@@ -12,9 +12,12 @@ Methods (every run from the same initial weights and batch order for a given see
 
 * ``grid``: SGD with fixed lr and momentum, one run per rho of ``rho_grid``; the rho with the best
   validation accuracy (then loss) is chosen. Its cost is the whole grid.
-* ``oho_aux``: one run of ohotorch.OHO tuning lr, momentum and rho online (``opt.hyperparameter``).
-* ``oho_l2``: one run tuning lr, momentum and one L2 strength per linear layer (a loss hyperparameter
-  vector: ``loss += sum_l l2[l] ||W_l||^2``) together with rho.
+* ``oho_aux_discount<g>``: one run of ohotorch.OHO tuning lr, momentum and rho online
+  (``opt.hyperparameter``), for each horizon ``g`` of ``discounts`` (0: greedy, the default; 0.9).
+* ``oho_l2``: one run tuning lr, momentum and one L2 strength per weight matrix (a loss hyperparameter
+  vector: ``loss += sum_l l2[l] ||W_l||^2``) together with rho, at the first horizon.
+
+Times are wall-clock seconds of the training loops on this machine (the grid's: the sum of its runs).
 
     python benchmarks/aux_task.py            # benchmarks/results/aux_task/aux_task.json (about 3 min, 2 CPU cores)
     python benchmarks/aux_task.py --quick    # a smoke run
@@ -49,10 +52,10 @@ class Config:
     val_batch_size: int = 100
     lr: float = 0.05  # the grid's lr and OHO's initial lr
     momentum: float = 0.9  # the grid's momentum and OHO's initial momentum
-    rho_grid: Tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+    rho_grid: Tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
     rho0: float = 0.1  # OHO's initial rho
     l2_0: float = 1e-4  # OHO's initial per-layer L2 strength
-    discount: float = 0.0  # OHO's horizon (0: greedy, the default)
+    discounts: Tuple[float, ...] = (0.0, 0.9)  # OHO's horizons for lr, momentum, rho (0: greedy, the default)
     hvp: str = "forward"
     meta_lr: float = 0.02
     seeds: int = 3
@@ -61,7 +64,7 @@ class Config:
     out: str = ""  # default benchmarks/results/aux_task/aux_task[_quick].json
     quick: bool = False
 
-    PRESETS = {"quick": {"epochs": 3, "seeds": 1, "rho_grid": (0.0, 1.0)}}
+    PRESETS = {"quick": {"epochs": 3, "seeds": 1, "rho_grid": (0.0, 1.0), "discounts": (0.0,)}}
 
 
 def load(cfg: Config) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -104,14 +107,14 @@ def evaluate(model: TwoHeads, split: Tuple[torch.Tensor, ...]) -> Dict[str, floa
 
 
 def train_one(cfg: Config, data: Dict[str, Any], seed: int, *, rho: Optional[float] = None,
-              tuned: bool = False, per_layer_l2: bool = False) -> Dict[str, Any]:
+              tuned: bool = False, per_layer_l2: bool = False, discount: float = 0.0) -> Dict[str, Any]:
     """One run: fixed rho with plain SGD (``rho`` given, ``tuned`` false), or OHO tuning lr, momentum, rho
     (and the per-layer L2 strengths)."""
     torch.manual_seed(seed)
     model = TwoHeads(cfg.width)
     if tuned:
         opt = ohotorch.OHO(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, tune=("lr", "momentum"),
-                           meta_lr=cfg.meta_lr, discount=cfg.discount, hvp=cfg.hvp)
+                           meta_lr=cfg.meta_lr, discount=discount, hvp=cfg.hvp)
         aux = opt.hyperparameter("aux_weight", cfg.rho0, bounds=(0.0, 100.0))
         l2 = (opt.hyperparameter("l2", torch.full((len(model.weights()),), cfg.l2_0), bounds=(0.0, 1.0))
               if per_layer_l2 else None)
@@ -193,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     env = common.environment(device)
     data = load(cfg)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    runs: Dict[str, List[Dict[str, Any]]] = {"grid": [], "oho_aux": [], "oho_l2": []}
+    oho_methods = [f"oho_aux_discount{d:g}" for d in cfg.discounts]
+    runs: Dict[str, List[Dict[str, Any]]] = {"grid": [], **{m: [] for m in oho_methods}, "oho_l2": []}
     chosen: List[Dict[str, Any]] = []
     for seed in seeds:
         grid = [train_one(cfg, data, seed, rho=rho) for rho in cfg.rho_grid]
@@ -201,13 +205,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         best = max(grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
         chosen.append({**{k: best[k] for k in ("seed", "rho", "val_acc", "val_loss", "test_acc", "test_loss")},
                        "grid_wall_time_s": sum(r["wall_time_s"] for r in grid)})
-        runs["oho_aux"].append(train_one(cfg, data, seed, tuned=True))
-        runs["oho_l2"].append(train_one(cfg, data, seed, tuned=True, per_layer_l2=True))
-        print(f"seed {seed}: grid rho={best['rho']} test acc {best['test_acc']:.4f} "
-              f"({chosen[-1]['grid_wall_time_s']:.1f} s) | oho rho={runs['oho_aux'][-1]['final_rho']:.3g} "
-              f"test acc {runs['oho_aux'][-1]['test_acc']:.4f} ({runs['oho_aux'][-1]['wall_time_s']:.1f} s) | "
-              f"oho+l2 test acc {runs['oho_l2'][-1]['test_acc']:.4f} ({runs['oho_l2'][-1]['wall_time_s']:.1f} s)",
-              flush=True)
+        for method, discount in zip(oho_methods, cfg.discounts):
+            runs[method].append(train_one(cfg, data, seed, tuned=True, discount=discount))
+        runs["oho_l2"].append(train_one(cfg, data, seed, tuned=True, per_layer_l2=True, discount=cfg.discounts[0]))
+        line = [f"seed {seed}: grid rho={best['rho']} test acc {best['test_acc']:.4f} ({chosen[-1]['grid_wall_time_s']:.1f} s)"]
+        for method in oho_methods + ["oho_l2"]:
+            r = runs[method][-1]
+            line.append(f"{method} rho={r['final_rho']:.3g} test acc {r['test_acc']:.4f} ({r['wall_time_s']:.1f} s)")
+        print(" | ".join(line), flush=True)
     by_rho = {rho: [r for r in runs["grid"] if r["rho"] == rho] for rho in cfg.rho_grid}
     summary = {
         "grid_search_on_rho": {
@@ -219,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                      "val_acc": _mean([r["val_acc"] for r in rs]),
                                      "wall_time_s": _mean([r["wall_time_s"] for r in rs])} for rho, rs in by_rho.items()},
     }
-    for method in ("oho_aux", "oho_l2"):
+    for method in oho_methods + ["oho_l2"]:
         rs = runs[method]
         summary[method] = {"test_acc": _mean([r["test_acc"] for r in rs]), "test_acc_std": _std([r["test_acc"] for r in rs]),
                            "test_loss": _mean([r["test_loss"] for r in rs]),
@@ -227,9 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                            "final_rho": [r["final_rho"] for r in rs], "final_lr": [r["final_lr"] for r in rs],
                            "final_momentum": [r["final_momentum"] for r in rs],
                            "final_l2": [r["final_l2"] for r in rs], "diverged": sum(r["diverged"] for r in rs)}
-    rows = [{"method": "grid search on rho (SGD)", **summary["grid_search_on_rho"]},
-            {"method": "OHO: lr, momentum, rho", **summary["oho_aux"]},
-            {"method": "OHO: lr, momentum, rho, per-layer L2", **summary["oho_l2"]}]
+    rows = [{"method": f"grid search on rho (SGD, {len(cfg.rho_grid)} runs)", **summary["grid_search_on_rho"]}]
+    rows += [{"method": f"OHO: lr, momentum, rho (discount {d:g})", **summary[m]}
+             for m, d in zip(oho_methods, cfg.discounts)]
+    rows.append({"method": f"OHO: lr, momentum, rho, per-layer L2 (discount {cfg.discounts[0]:g})", **summary["oho_l2"]})
     print(common.format_table(rows, [("method", "method", "s"), ("test_acc", "test acc", ".4f"),
                                      ("test_acc_std", "std", ".4f"), ("test_loss", "test loss", ".4f"),
                                      ("total_time_s", "time (s)", ".1f")]))

@@ -339,7 +339,7 @@ def test_aux_task_quick(tmp_path):
     assert saved["kind"] == "aux_task" and saved["environment"]["device"] == "cpu"
     assert saved["environment"]["versions"]["torch"] and "ohotorch" in saved["environment"]["versions"]
     assert len(saved["runs"]["grid"]) == len(saved["config"]["rho_grid"])
-    oho, l2 = payload["runs"]["oho_aux"][0], payload["runs"]["oho_l2"][0]
+    oho, l2 = payload["runs"]["oho_aux_discount0"][0], payload["runs"]["oho_l2"][0]
     assert oho["final_rho"] != saved["config"]["rho0"]  # rho was tuned
     assert len(l2["final_l2"]) == 3 and l2["final_l2"] != [saved["config"]["l2_0"]] * 3
     assert {r["rho"] for r in saved["runs"]["grid"]} == set(saved["config"]["rho_grid"])

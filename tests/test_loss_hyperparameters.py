@@ -117,7 +117,7 @@ def test_matches_autograd_through_unrolled_updates(case, horizon):
     opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=options["momentum"], nesterov=options.get("nesterov", False),
                        tune=tune, hvp="central", meta_lr=0.0, discount=HORIZONS[horizon])
     rho = opt.hyperparameter("aux_weight", options["rho"]) if "rho" in options else None
-    l2 = opt.hyperparameter("l2", torch.tensor(options["l2"])) if "l2" in options else None
+    l2 = opt.hyperparameter("l2", torch.tensor(options["l2"], dtype=torch.float64)) if "l2" in options else None
     expected = oracle(copy.deepcopy(model), train, val, lr=0.1, momentum=options["momentum"],
                       nesterov=options.get("nesterov", False), rho=options.get("rho"), l2=options.get("l2"),
                       greedy=horizon == "greedy")
@@ -387,3 +387,23 @@ def test_deepcopy_continues_like_the_original():
     a = run(model, opt, train[2:4], val, rho=rho)
     b = run(model2, opt2, train[2:4], val, rho=rho2)
     assert float(rho.grad) == float(rho2.grad) and float(a[0]["lr"]) == float(b[0]["lr"])
+
+
+@pytest.mark.parametrize("discount", [0.0, 1.0])
+def test_training_is_bit_identical_to_torch_sgd_with_meta_lr_zero(discount):
+    """The finite-difference evaluations (rho perturbed) leave no trace on the trajectory."""
+    train, val = _data()
+    model = mlp((64, 16, 11))
+    twin = copy.deepcopy(model)
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, tune=("lr", "momentum"), meta_lr=0.0,
+                       discount=discount)
+    rho = opt.hyperparameter("aux_weight", 0.5)
+    l2 = opt.hyperparameter("l2", torch.tensor([1e-3, 3e-3], dtype=torch.float64))
+    run(model, opt, train[:4], val, rho=rho, l2=l2)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    for x, y in train[:4]:
+        sgd.zero_grad()
+        objective(twin(x), x, y, torch.tensor(0.5, dtype=torch.float64), torch.tensor([1e-3, 3e-3], dtype=torch.float64),
+                  weight_matrices(twin.parameters())).backward()
+        sgd.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
