@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from . import meta
-from .influence import TangentKey, as_dtype, tangent_slice
+from .influence import TangentKey, as_dtype
 
 __all__ = ["LossHyperparameter", "LossHyperparameters", "PREFIX"]
 
@@ -282,7 +282,7 @@ class LossHyperparameters:
             tangents = state.get(p, {}).get("tangent_w")
             if grad is None or tangents is None:
                 continue
-            rows = torch.stack([tangent_slice(tangents, first + k) for k in range(n)])
+            rows = tangents[first:first + n]  # a view: the rows are contiguous along the first axis
             if rows.is_complex():
                 rows, grad = torch.view_as_real(rows), torch.view_as_real(as_dtype(grad, tangents.dtype))
             value = torch.mv(rows.reshape(n, -1), as_dtype(grad, rows.dtype).reshape(-1)).double()
