@@ -259,8 +259,9 @@ class OHO(Optimizer):
     one extra gradient evaluation per element and step (:mod:`ohotorch.loss_hyperparameters`).
 
     **state_dict.** torch.optim's, plus ``"oho"`` (counters, tangent layout, meta-optimizer state and the
-    class name; the loss hyperparameters' values and meta state under ``"loss_hyperparameters"``). A plain torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into
-    OHOAdam / OHOAdamW); param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
+    class name; the loss hyperparameters' values and meta state under ``"loss_hyperparameters"``). A plain
+    torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into OHOAdam / OHOAdamW);
+    param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
 
     Complex parameters are supported (as by torch.optim.SGD): a complex parameter is its real and
     imaginary parts, with complex tangents, and its hypergradient contribution is the real dot product.
