@@ -23,8 +23,9 @@ the RNG, the module's buffers and the weights as it found them, on success or on
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -338,8 +339,13 @@ def fd_hvp(
     eps: Union[float, Tensor],
     scheme: str,
     inverse: Optional[Tensor] = None,
+    along: Optional[Callable[[Union[float, Tensor]], ContextManager[Any]]] = None,
 ) -> List[Tensor]:
     """H v at the isolation's weights by finite differences of ``closure`` (``scheme``: forward or central).
+
+    ``along`` (optional) perturbs something else the closure reads together with the weights: each
+    evaluation at ``w + shift * v`` runs inside ``along(shift)``. With a loss hyperparameter rho that reads
+    ``rho + shift`` there, the result is H v + dg/drho (see :mod:`ohotorch.loss_hyperparameters`).
 
     ``tangent`` is v, one tensor per entry of ``isolation.weights``; ``train_grads`` the gradient at the
     unperturbed weights (forward differences reuse it). Returns tensors of its own; the weights end at
@@ -353,7 +359,8 @@ def fd_hvp(
 
     def gradient_at(shift: float) -> List[Tensor]:
         isolation.perturb_(tangent, shift)
-        _, grads = isolation.evaluate(closure, "closure")
+        with contextlib.nullcontext() if along is None else along(shift):
+            _, grads = isolation.evaluate(closure, "closure")
         return [grads[i] if grads[i] is not None else torch.zeros_like(w)
                 for i, w in zip(positions, isolation.weights)]
 

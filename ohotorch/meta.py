@@ -79,6 +79,8 @@ DEFAULT_BOUNDS: Dict[str, Tuple[float, float]] = {
 # Offsets of the log-space map theta = exp(phi) - c. Far below any value a run would use, large enough
 # that a hyperparameter started at 0 leaves it in a few hundred Adam steps (c * e^(steps * meta_lr)).
 LOG_OFFSET: Dict[str, float] = {"lr": 1e-8, "lr_scale": 1e-8, "weight_decay": 1e-6}
+# The offset of any other name (a loss hyperparameter, see :mod:`ohotorch.loss_hyperparameters`).
+DEFAULT_LOG_OFFSET = 1e-8
 
 # Default meta learning rate per (meta_optimizer, space); None means there is no safe default.
 # Evidence: benchmarks/defaults.py and benchmarks/results/defaults/.
@@ -98,7 +100,7 @@ def to_meta(name: str, theta: float, space: str) -> float:
         return theta
     if name == "momentum":
         return -math.log(max(1.0 - theta, 1e-12))
-    return math.log(max(theta, 0.0) + LOG_OFFSET[name])
+    return math.log(max(theta, 0.0) + LOG_OFFSET.get(name, DEFAULT_LOG_OFFSET))
 
 
 def from_meta(name: str, phi: float, space: str) -> float:
@@ -107,7 +109,7 @@ def from_meta(name: str, phi: float, space: str) -> float:
         return phi
     if name == "momentum":
         return 1.0 - math.exp(-phi)
-    return math.exp(phi) - LOG_OFFSET[name]
+    return math.exp(phi) - LOG_OFFSET.get(name, DEFAULT_LOG_OFFSET)
 
 
 def meta_derivative(name: str, theta: float, space: str) -> float:
@@ -116,7 +118,7 @@ def meta_derivative(name: str, theta: float, space: str) -> float:
         return 1.0
     if name == "momentum":
         return max(1.0 - theta, 1e-12)
-    return max(theta, 0.0) + LOG_OFFSET[name]
+    return max(theta, 0.0) + LOG_OFFSET.get(name, DEFAULT_LOG_OFFSET)
 
 
 def meta_bounds(name: str, bounds: Tuple[float, float], space: str) -> Tuple[float, float]:

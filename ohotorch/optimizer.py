@@ -68,6 +68,7 @@ from .deferred import Deferred, Readback, Record
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
+from .loss_hyperparameters import LossHyperparameter, LossHyperparameters
 from .hyper_groups import DEFAULT_TUNE, DefaultTune
 from .options import Options, canonical_tune
 from .rules import Rule, SGDRule, effective_lr
@@ -275,9 +276,14 @@ class OHO(Optimizer):
     and the copy's ``module`` is the copied model), counters, meta-optimizer state and influence; the
     copy continues exactly like the original. Registered hooks are not copied (as torch.optim).
 
+    **Loss hyperparameters.** ``rho = opt.hyperparameter("aux_weight", 0.1, bounds=(0, 10))`` declares a
+    hyperparameter the training closure reads (``loss = main + rho.value * aux``), tuned with the others;
+    one extra gradient evaluation per element and step (:mod:`ohotorch.loss_hyperparameters`).
+
     **state_dict.** torch.optim's, plus ``"oho"`` (counters, tangent layout, meta-optimizer state and the
-    class name). A plain torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into
-    OHOAdam / OHOAdamW); param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
+    class name; the loss hyperparameters' values and meta state under ``"loss_hyperparameters"``). A plain
+    torch.optim.SGD state_dict loads into OHO (torch.optim.Adam / AdamW ones into OHOAdam / OHOAdamW);
+    param group keys it lacks (``tune``, ``lr_scale``) keep this optimizer's values.
 
     Complex parameters are supported (as by torch.optim.SGD): a complex parameter is its real and
     imaginary parts, with complex tangents, and its hypergradient contribution is the real dot product.
@@ -351,7 +357,44 @@ class OHO(Optimizer):
         self._usage = Usage()
         self._fixed_tune: Optional[List[Tuple[str, ...]]] = None  # each group's tune at the first step
         self._buffer_storage: Dict[str, List[Tensor]] = {}
+        self._loss_hyperparameters = LossHyperparameters()
         Optimizer.__init__(self, params, defaults)
+
+    # ------------------------------------------------------------------ loss hyperparameters
+    def hyperparameter(self, name: str, value: Union[float, Tensor], *, bounds: Tuple[float, float] = (0.0, math.inf),
+                       meta_lr: Optional[float] = None) -> LossHyperparameter:
+        r"""Declare a hyperparameter that the training closure reads (an auxiliary-task weight, a per-layer
+        L2 strength, ...), tuned online with lr and weight decay (:mod:`ohotorch.loss_hyperparameters`).
+
+        ``value``: a number or a small tensor (each element its own scalar). ``bounds``: the projection
+        bounds (``low >= 0`` with ``space="log"``). ``meta_lr``: default the optimizer's (when it gives every
+        hyperparameter the same) or the default 0.02. Read ``.value`` inside the closure::
+
+            rho = opt.hyperparameter("aux_weight", 0.1, bounds=(0.0, 10.0))
+            # in the closure:  loss = main + rho.value * aux
+
+        Cost: one extra gradient evaluation per element per step (two with ``hvp="central"``), whatever the
+        horizon: with the greedy default it is the evaluation at (w, rho + eps) for dg/drho; with a longer
+        one it is the tangent's Hessian-vector product, which gives dg/drho in the same evaluation. Declare
+        every loss hyperparameter before the first step (the influence is laid out then).
+        """
+        if self._bookkeeping.keys is not None:
+            raise ValueError(f"{type(self).__name__}.hyperparameter after the first step is not supported: the "
+                             "influence tensors are laid out at the first step; declare it before")
+        return self._losses().declare(name, value, bounds=bounds, meta_lr=meta_lr, options=self.options,
+                                      reserved=meta.HYPERPARAMETERS)
+
+    @property
+    def loss_hyperparameters(self) -> Dict[str, LossHyperparameter]:
+        """The declared loss hyperparameters by name."""
+        return {item.name: item for item in self._losses().items}
+
+    def _losses(self) -> LossHyperparameters:
+        """The declared loss hyperparameters (none for an optimizer unpickled from an earlier version)."""
+        losses = self.__dict__.get("_loss_hyperparameters")
+        if losses is None:
+            losses = self.__dict__["_loss_hyperparameters"] = LossHyperparameters()
+        return losses
 
     # ------------------------------------------------------------------ validation
     @classmethod
@@ -468,7 +511,7 @@ class OHO(Optimizer):
         return BufferSnapshot(self.module.buffers(), storage)
 
     def _tuning(self) -> bool:
-        return any(group["tune"] for group in self.param_groups)
+        return any(group["tune"] for group in self.param_groups) or bool(self._losses())
 
     def _keys(self) -> List[TangentKey]:
         """The tangent keys, fixed at the first step (see :mod:`ohotorch.influence`)."""
@@ -523,7 +566,8 @@ class OHO(Optimizer):
     def _state_for(self, p: Tensor, group: Dict[str, Any], n_keys: int) -> Dict[str, Any]:
         state = self.state[p]
         # The greedy horizon never reads b' (or m', v') after the step that wrote them: not kept.
-        companions = self._rule.companions(group) if self.discount > 0.0 else ()
+        # (A loss hyperparameter's tangent is updated with its direct term even then: companions kept.)
+        companions = self._rule.companions(group) if self.discount > 0.0 or self._losses() else ()
         influence.ensure_tangents(state, p, n_keys, companions)
         return state
 
@@ -536,6 +580,8 @@ class OHO(Optimizer):
     _sync_free: Optional[bool] = None
 
     def _use_sync_free(self, params: Sequence[Tensor]) -> bool:
+        if self._losses():
+            return False  # loss hyperparameters take the host path
         if self._sync_free is not None:
             return bool(self._sync_free)
         return bool(params) and all(p.is_cuda for p in params)
@@ -640,6 +686,10 @@ class OHO(Optimizer):
                 "tune nothing)"
             )
         keys = self._layout(tuning)  # not committed before the last closure evaluation
+        losses = self._losses()
+        if closure is not None and losses:
+            closure = losses.wrap(closure)  # the closure may read loss hyperparameters' .value
+        first_loss = len(keys) - len(losses.keys()) if tuning else 0  # their tangents come last
         sync_free = tuning and self._use_sync_free(self._all_params())
         if sync_free:  # the results of hyper-steps before the last step reach param_groups now
             self._settle(before=self._bookkeeping.steps)
@@ -663,6 +713,8 @@ class OHO(Optimizer):
             nonzero = list(range(len(keys)))
         else:
             nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
+            # A loss hyperparameter's tangent needs its direct term dg/drho even from zero: always evaluated.
+            nonzero = sorted(set(nonzero) | set(range(first_loss, len(keys))))
 
         # (2) Every closure evaluation: the training one, whose gradients, RNG and buffers every HVP
         # evaluation starts from, then the HVPs. Nothing of the user's or the optimizer's changes until all
@@ -714,6 +766,9 @@ class OHO(Optimizer):
                 continue
             states = [self._state_for(p, group, len(keys)) for p in params]
             works.append(self._rule.prepare(group, params, states, foreach))
+        if tuning and from_zero:  # the loss hyperparameters' tangents are advanced with an HVP: zero them
+            for tangent_index in range(first_loss, len(keys)):
+                influence.zero_tangent_(list(self.state.values()), tangent_index)
 
         # (4) The influence. Sync-free, a non-finite loss is not looked at: it makes the tangents
         # non-finite, which the deferred norm check of the next step resets (see _device_tangent_norms).
@@ -750,9 +805,14 @@ class OHO(Optimizer):
                 )
         if not tuning:
             return []
+        losses = self._losses().keys()
         if self._bookkeeping.keys is not None:
+            fixed_losses = [key for key in self._bookkeeping.keys if key[1].startswith("loss:")]
+            if fixed_losses != losses:
+                raise ValueError(f"the loss hyperparameters ({[k for _, k in losses]}) are not those the influence "
+                                 f"was laid out for ({[k for _, k in fixed_losses]})")
             return self._bookkeeping.keys
-        return influence.tangent_keys(self.param_groups, influence=self.influence, discount=self.discount)
+        return influence.tangent_keys(self.param_groups, influence=self.influence, discount=self.discount) + losses
 
     def _note_step(self, tuning: bool) -> None:
         usage = self._usage
@@ -769,6 +829,13 @@ class OHO(Optimizer):
             self._bookkeeping.keys = keys
         if self.__dict__.get("_fixed_tune") is None:
             self._fixed_tune = [self._canonical_tune(group["tune"]) for group in self.param_groups]
+
+    def _fd_dtype(self, active: Sequence[Tensor]) -> torch.dtype:
+        """The precision the closure computes gradients in: ``compute_dtype``, else the coarsest parameter dtype."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dtypes = {p.dtype for p in active if p.is_floating_point()}
+        return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
 
     def _fd_rel(self, active: Sequence[Tensor]) -> float:
         """The relative finite-difference step: the option, else that of ``compute_dtype``, else of the
@@ -849,10 +916,24 @@ class OHO(Optimizer):
         weight_storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
         train_grads = [p.grad for p in active]
         hvps: Dict[int, Optional[List[Tensor]]] = {}
+        losses = self._losses()
+        first_loss = len(norms) - len(losses.keys())
         with ClosureIsolation(self._all_params(), weights=active, buffers=self._snapshot("after"),
                               replay=(rollback.rng, rollback.buffers), start=rollback.grads.starts(),
                               foreach=foreach, weight_storage=weight_storage) as isolation:
             for tangent_index in nonzero:
+                if tangent_index >= first_loss:  # a loss hyperparameter: H (gamma w') + dg/drho in one evaluation
+                    element, norm = tangent_index - first_loss, norms[tangent_index]
+                    tangent = (self._discounted_tangent(active, tangent_index) if norm > 0.0
+                               else [torch.zeros_like(p) for p in active])
+                    eps = losses.step_size(element, rel, perturbation_scale(weight_norm, norm, rel) if norm > 0.0
+                                           else None, self._fd_dtype(active))
+                    hvp = fd_hvp(isolation, closure, tangent, train_grads, eps=eps, scheme=self.hvp,
+                                 along=losses.shift(element))
+                    del tangent
+                    finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(hvp)).sum()))
+                    hvps[tangent_index] = hvp if finite else None
+                    continue
                 tangent = self._discounted_tangent(active, tangent_index)
                 if scales is not None:
                     eps_t, inverse = scales
@@ -931,7 +1012,8 @@ class OHO(Optimizer):
         ``val_closure`` clears grads, computes the validation loss, calls backward and returns the loss.
         Returns one dict per param group (in ``param_groups`` order) mapping each tuned name to a 0-d
         tensor; the param groups of a shared hyper group all report the derivative by their one shared
-        value. Grads, RNG state and module buffers are as they were before the call.
+        value. Grads, RNG state and module buffers are as they were before the call. The derivatives by the
+        loss hyperparameters (:meth:`hyperparameter`) are stored in their ``grad``.
         """
         hyper, _ = self._hypergradient(val_closure)
         return hyper
@@ -946,6 +1028,9 @@ class OHO(Optimizer):
         if not keys:
             return [{} for _ in self.param_groups], None
         params = self._all_params()
+        losses = self._losses()
+        if losses:  # the validation loss must not read a loss hyperparameter: .value refuses there
+            val_closure = losses.wrap(val_closure, "val")
         with self._watch_unseen_buffers(), ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
             loss, val_grads = isolation.evaluate(val_closure, "val_closure")
         if all(grad is None for grad in val_grads):
@@ -954,8 +1039,12 @@ class OHO(Optimizer):
                 "(outside torch.no_grad), or every hypergradient would read 0"
             )
         self._usage.steps_without_hyper_step = 0
-        hyper = influence.contract(self.param_groups, self.state, keys,
-                                   {id(p): grad for p, grad in zip(params, val_grads)})
+        by_id = {id(p): grad for p, grad in zip(params, val_grads)}
+        hyper = influence.contract(self.param_groups, self.state, keys, by_id)
+        if losses:  # their keys come last; read_out leaves them out
+            n = len(losses.keys())
+            values = losses.contract(self.state, params, len(keys) - n, by_id)
+            losses.set_hypergradients(torch.zeros(n, dtype=torch.float64) if values is None else values)
         return hyper, loss
 
     @torch.no_grad()
@@ -985,6 +1074,9 @@ class OHO(Optimizer):
         owners = hyper_groups.leaders(self.param_groups)  # one meta-update per hyper variable
         flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()
                 if owners[index][name] == index]
+        if self._losses():
+            self._loss_hyper_step(flat, loss)
+            return hyper
         if not flat:
             return hyper
         device = flat[0][2].device
@@ -1007,6 +1099,36 @@ class OHO(Optimizer):
             self._publish_hyperparameters()
         self._report_hyper_step(outcome, hypergradients, loss_value)
         return hyper
+
+    def _loss_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss: Any) -> None:
+        """The host meta-update of the param groups' values and the loss hyperparameters together, all or
+        nothing (:func:`ohotorch.meta.meta_update_` over the groups plus one stand-in group per element)."""
+        losses = self._losses()
+        n_groups = len(self.param_groups)
+        proxies, bounds, meta_lrs, loss_states = losses.meta_entries(n_groups)
+        loss_grads = torch.cat([item.grad.reshape(-1) for item in losses.items])
+        loss_sum = torch.as_tensor(loss).detach().double().sum().cpu()
+        values = torch.stack([h.detach().double().cpu() for _, _, h in flat]).tolist() if flat else []
+        loss_value = float(loss_sum)
+        keys = [key for _, key in losses.keys()]
+        hypergradients = [(index, name, value) for (index, name, _), value in zip(flat, values)]
+        everything = hypergradients + [(n_groups + k, key, float(h)) for k, (key, h) in enumerate(zip(keys, loss_grads))]
+        config = self._meta_config()
+        config = meta.MetaConfig(meta_lr={**config.meta_lr, **meta_lrs}, optimizer=config.optimizer,
+                                 betas=config.betas, eps=config.eps, space=config.space,
+                                 bounds={**config.bounds, **bounds})
+        meta_state = {**self._bookkeeping.meta_state, **loss_states}
+        groups = list(self.param_groups) + proxies
+        outcome = meta.meta_update_(groups, everything, loss_value, meta_state, config)
+        if outcome == meta.COMMITTED:
+            losses.commit_meta(proxies, meta_state, n_groups)
+            self._bookkeeping.meta_state = {key: state for key, state in meta_state.items()
+                                            if int(key.split("/", 1)[0]) < n_groups}
+            self._publish_hyperparameters()
+        self._report_hyper_step(outcome, hypergradients, loss_value)
+        if outcome == meta.COMMITTED:
+            self._diag()["hypergradient"].update({key: float(h) for key, h in zip(keys, loss_grads)})
+            self._diag()["loss_hyperparameters"] = {item.name: item.current.tolist() for item in losses.items}
 
     def _publish_hyperparameters(self) -> None:
         """After new values reach ``param_groups``: copy shared values into every member of their hyper
@@ -1101,6 +1223,8 @@ class OHO(Optimizer):
         self._settle()  # every deferred result reaches param_groups and the meta state first
         state_dict = super().state_dict()
         state_dict["oho"] = {**self._bookkeeping.to_state(), "optimizer": type(self).__name__}
+        if self._losses():
+            state_dict["oho"]["loss_hyperparameters"] = self._losses().to_state()
         return state_dict
 
     def _refuse_other_family(self, state_dict: Mapping[str, Any],
@@ -1130,9 +1254,12 @@ class OHO(Optimizer):
         state_dict = dict(state_dict)
         saved_bookkeeping = state_dict.pop("oho", None)
         self._refuse_other_family(state_dict, saved_bookkeeping)
+        saved_losses = (saved_bookkeeping or {}).get("loss_hyperparameters")
+        self._losses().check_state(saved_losses, (saved_bookkeeping or {}).get("keys"))
         self._drop_device_meta()
         if saved_bookkeeping is not None:
-            saved_bookkeeping = {k: v for k, v in saved_bookkeeping.items() if k != "optimizer"}
+            saved_bookkeeping = {k: v for k, v in saved_bookkeeping.items()
+                                 if k not in ("optimizer", "loss_hyperparameters")}
         # Keys a foreign (torch.optim) state_dict lacks keep this optimizer's values, not the legacy defaults.
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) == len(self.param_groups):
@@ -1152,6 +1279,7 @@ class OHO(Optimizer):
         hyper_groups.refresh_effective_lr_(self.param_groups)
         if saved_bookkeeping is not None:
             self._bookkeeping = Bookkeeping.from_state(saved_bookkeeping)
+        self._losses().load_state(saved_losses)
         self._fixed_tune = (None if self._bookkeeping.keys is None
                             else [tuple(group["tune"]) for group in self.param_groups])
 

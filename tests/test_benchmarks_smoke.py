@@ -328,3 +328,18 @@ def test_parser_help_and_bare_arguments():
     assert common.parse_config(["--quick", "false", "a.json"], Flags, positional="inputs") == Flags(False, ("a.json",))
     with pytest.raises(common.ConfigError, match="cannot read"):
         common.parse_config(["--epochs", "x"], common.TrainConfig)
+
+
+def test_aux_task_quick(tmp_path):
+    import aux_task
+
+    out = tmp_path / "aux.json"
+    payload = aux_task.main(["--quick", "--epochs", "1", "--n-train", "60", "--width", "8", "--out", str(out)])
+    saved = _load(out)
+    assert saved["kind"] == "aux_task" and saved["environment"]["device"] == "cpu"
+    assert saved["environment"]["versions"]["torch"] and "ohotorch" in saved["environment"]["versions"]
+    assert len(saved["runs"]["grid"]) == len(saved["config"]["rho_grid"])
+    oho, l2 = payload["runs"]["oho_aux_discount0"][0], payload["runs"]["oho_l2"][0]
+    assert oho["final_rho"] != saved["config"]["rho0"]  # rho was tuned
+    assert len(l2["final_l2"]) == 3 and l2["final_l2"] != [saved["config"]["l2_0"]] * 3
+    assert {r["rho"] for r in saved["runs"]["grid"]} == set(saved["config"]["rho_grid"])
