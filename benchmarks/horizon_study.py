@@ -55,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ohotorch import OHO  # noqa: E402
+from ohotorch import OHO, influence  # noqa: E402
 from ohotorch.finite_differences import BufferSnapshot, RNGSnapshot, relative_step  # noqa: E402
 from ohotorch.growth_cap import GROWTH_BETA  # noqa: E402
 
@@ -155,10 +155,16 @@ class StableOHO(OHO):
         old = self.study["lam"]
         self.study["lam"] = lam if old is None else self.curvature_beta * old + (1 - self.curvature_beta) * lam
 
+    def _tangent_tensors(self) -> List[torch.Tensor]:
+        return influence.tangent_tensors(list(self.state.values()))
+
+    def _zero_influence(self) -> None:
+        influence.zero_tangents_(list(self.state.values()))
+
     def _set_lr(self, value: float) -> None:
         group = self.param_groups[0]
         group["lr"] = value
-        state = self._oho["meta_state"].get("0/lr")
+        state = self._bookkeeping.meta_state.get("0/lr")
         if state is not None:
             state["written"] = value
 
@@ -174,7 +180,7 @@ class StableOHO(OHO):
 
     # (c) + step --------------------------------------------------------------------------------
     def step(self, closure=None):  # type: ignore[override]
-        if self.curvature_cap is not None and self._oho["steps"] % self.curvature_every == 0:
+        if self.curvature_cap is not None and self._bookkeeping.steps % self.curvature_every == 0:
             self._power_iteration(closure)
             self._apply_curvature_cap()
         loss = super().step(closure)
@@ -195,7 +201,7 @@ class StableOHO(OHO):
             return
         s = self.study
         ema, var = s["loss_ema"], s.get("loss_var", 0.0)
-        steps = self._oho["steps"]
+        steps = self._bookkeeping.steps
         resting = steps < s.get("rest_until", 0)
         spike = not math.isfinite(value) or (
             ema is not None and not resting and steps > 50 and value > self.backoff * ema
@@ -215,7 +221,7 @@ class StableOHO(OHO):
 
     def _check_spike_ratio(self, value: float) -> None:
         ema = self.study["loss_ema"]
-        spike = not math.isfinite(value) or (ema is not None and self._oho["steps"] > 20 and value > self.backoff * ema)
+        spike = not math.isfinite(value) or (ema is not None and self._bookkeeping.steps > 20 and value > self.backoff * ema)
         if spike:
             self.study["backoffs"] += 1
             self._set_lr(self.param_groups[0]["lr"] * 0.5)
