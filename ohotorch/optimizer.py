@@ -24,7 +24,8 @@ norms (one ``.tolist()`` in :meth:`OHO._tangent_norms`, which also reads finiten
 the training loss and of each HVP (``bool`` in :meth:`OHO.step` and :meth:`OHO._hessian_vector_products`), and
 the hypergradients with the validation loss (one ``.tolist()`` in :meth:`OHO.hyper_step`, then scalar
 work in :func:`ohotorch.meta.meta_update_`). With the greedy default (no HVP) a step has one sync, the
-training loss's finiteness.
+training loss's finiteness. With ``growth_cap`` the gammas are read once per step for
+``diagnostics["growth_gamma"]`` (not on the sync-free path, where the cap reads nothing).
 """
 from __future__ import annotations
 
@@ -889,6 +890,7 @@ class OHO(Optimizer):
             influence.zero_tangents_([s for p, s in self.state.items() if id(p) not in ids])
 
         capped = self.growth_cap is not None and not from_zero and bool(stepping_groups)
+        gammas: Dict[int, Tensor] = {}  # growth_cap: gamma of each tangent this step
 
         def update(tangent_index: int, hvp: Optional[List[Tensor]]) -> None:
             """Advance one tangent in every group; ``hvp`` spans all active params (None: from zero)."""
@@ -909,7 +911,7 @@ class OHO(Optimizer):
                 self._rule.update_tangent(group, work, tangent_index, key, direct and not capped, part)
                 offset += n
             if before is not None:
-                self._cap_growth_(stepping_groups, keys, tangent_index, before)
+                self._cap_growth_(stepping_groups, keys, tangent_index, before, gammas)
 
         for tangent_index in range(len(keys)):
             if tangent_index not in hvps:
@@ -924,6 +926,10 @@ class OHO(Optimizer):
             # Each tangent is updated as soon as its turn comes (no other update reads its HVP).
             update(tangent_index, hvp)
             del hvp
+        if gammas and not self._use_sync_free(active):  # diagnostics: one host read per step
+            values = torch.stack([gamma.cpu() for gamma in gammas.values()]).tolist()
+            self._diag()["growth_gamma"] = {influence.key_name(self.param_groups, keys[index]): value
+                                            for index, value in zip(gammas, values)}
 
     def _state_sq_norm(self, stepping_groups: Sequence[Tuple[int, Dict[str, Any], Any]], tangent_index: int) -> Tensor:
         """The squared norm of tangent ``tangent_index``'s state over every group that steps (0-d, float64)."""
@@ -934,7 +940,7 @@ class OHO(Optimizer):
         return total
 
     def _cap_growth_(self, stepping_groups: Sequence[Tuple[int, Dict[str, Any], Any]], keys: List[TangentKey],
-                     tangent_index: int, before: Tensor) -> None:
+                     tangent_index: int, before: Tensor, gammas: Dict[int, Tensor]) -> None:
         r"""After the homogeneous update :math:`A_t z_t` of one tangent: update its log-growth EMA, scale
         the state by :math:`\gamma_t` and add the direct terms (:mod:`ohotorch.growth_cap`). No host sync."""
         after = self._state_sq_norm(stepping_groups, tangent_index)
@@ -954,9 +960,7 @@ class OHO(Optimizer):
             by_device.setdefault(t.device, []).append(t)
         for device, tensors in by_device.items():
             torch._foreach_mul_(tensors, gamma.to(device))
-        if not self._use_sync_free(self._all_params()):
-            self._diag().setdefault("growth_gamma", {})[
-                influence.key_name(self.param_groups, keys[tangent_index])] = float(gamma)
+        gammas[tangent_index] = gamma
         key = keys[tangent_index]
         for group_index, group, work in stepping_groups:
             if influence.is_direct(self.param_groups, key, group_index):
