@@ -346,5 +346,7 @@ def _sq_norm(tensors: List[Tensor]) -> Tensor:
     """The sum of squares of every entry, accumulated in float64 (0-d tensor on the tensors' device)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
+    if not any(t.is_complex() for t in tensors):  # one kernel for the whole list
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
     return sum(torch.linalg.vector_norm(t, dtype=torch.complex128 if t.is_complex() else torch.float64).square()
                for t in tensors)  # type: ignore[return-value]
