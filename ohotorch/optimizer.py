@@ -232,7 +232,8 @@ class OHO(Optimizer):
             tangent state (SGD: :math:`z = (\dot w, \eta\dot b)`), so the influence never grows faster
             than ``c`` per step (``c = 1`` recommended; a study measured it with ``discount=1`` and
             ``meta_lr=0.01``: benchmarks/results/horizon/README.md). No extra HVP: two float64 norms,
-            one scaling per tangent and step, no host sync (:mod:`ohotorch.growth_cap`).
+            one scaling per tangent and step, no host sync (:mod:`ohotorch.growth_cap`). No effect with
+            the greedy horizon (``discount=0``) or on a reset step, where the influence restarts from zero.
         module: the model. When given, its buffers (BatchNorm running statistics) are restored so that
             they end every step exactly as one ordinary training step leaves them, and the validation
             closure leaves them untouched. Without it, each extra closure evaluation updates them again.
