@@ -20,7 +20,8 @@ Candidates for a stable long horizon, each a switch on :class:`StableOHO` (a sub
     \lVert z\rVert`; an EMA of :math:`\log\rho_t` (heavy-ball transients average out) sets
     :math:`\gamma_t = \min(1, c / e^{\overline{\log\rho}})` and the update becomes
     :math:`z_{t+1} = \gamma_t A_t z_t + c_t` (the direct term undiscounted). Full horizon wherever the
-    dynamics contract; never exponential growth faster than :math:`c` per step.
+    dynamics contract; never exponential growth faster than :math:`c` per step. Now the core option
+    ``growth_cap`` of ``ohotorch.OHO`` (``ohotorch/growth_cap.py``), which this class passes through.
 (b) ``curvature_cap=c``: a persistent power iteration on the training Hessian (one extra finite-difference
     HVP every ``curvature_every`` steps) estimates :math:`\lambda_{max}`; lr is kept below
     :math:`c \cdot 2(1+\mu)/(\lambda_{max} + \lambda_{wd})`, the heavy-ball stability threshold.
@@ -54,8 +55,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ohotorch import OHO  # noqa: E402
+from ohotorch import OHO, influence  # noqa: E402
 from ohotorch.finite_differences import BufferSnapshot, RNGSnapshot, relative_step  # noqa: E402
+from ohotorch.growth_cap import GROWTH_BETA  # noqa: E402
 
 __all__ = ["StableOHO", "CANDIDATES", "TASKS", "run_one"]
 
@@ -73,13 +75,14 @@ class StableOHO(OHO):
                  curvature_cap: Optional[float] = None, curvature_every: int = 10, curvature_beta: float = 0.9,
                  backoff: Optional[float] = None, backoff_rule: str = "ratio_and_z", clip: Optional[float] = None,
                  **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
+        super().__init__(params, growth_cap=growth_cap, **kwargs)
         if len(self.param_groups) != 1:
             raise ValueError("StableOHO (study code) supports one param group")
         group = self.param_groups[0]
         if group["nesterov"] or group["dampening"] != 0:
             raise ValueError("StableOHO (study code) supports SGD momentum without nesterov or dampening")
-        self.growth_cap, self.growth_beta = growth_cap, growth_beta
+        if growth_beta != GROWTH_BETA:
+            raise ValueError(f"growth_beta: the core's growth cap uses {GROWTH_BETA}")
         self.curvature_cap, self.curvature_every, self.curvature_beta = curvature_cap, curvature_every, curvature_beta
         if backoff_rule not in ("ratio", "ratio_and_z"):
             raise ValueError(f"Invalid backoff_rule: {backoff_rule!r}")
@@ -90,43 +93,18 @@ class StableOHO(OHO):
         self._probe: Optional[List[torch.Tensor]] = None
 
     # (a) ------------------------------------------------------------------------------------------
-    def _update_tangent(self, group, w, j, key, g, hv) -> None:
-        if self.growth_cap is None or hv is None:
-            super()._update_tangent(group, w, j, key, g, hv)
-            return
-        states = w["states"]
-        lr, wd, mu = self._lr(group), group["weight_decay"], group["momentum"]
-        tw = [s["tangent_w"][j] for s in states]
-        tb = [s["tangent_b"][j] for s in states] if "tangent_b" in states[0] else None
-        # Homogeneous part A z of the update (before super() overwrites hv, its scratch).
-        bh = []
-        for i, (t, h) in enumerate(zip(tw, hv)):
-            d = h.to(t.dtype) + wd * t
-            if tb is not None and not w["first"][i]:
-                d = d + mu * tb[i]
-            bh.append(d)
-        wh = [t - lr * b for t, b in zip(tw, bh)]
-        before = sum(float(t.double().pow(2).sum()) for t in tw)
-        if tb is not None:
-            before += lr * lr * sum(float(b.double().pow(2).sum()) for b in tb)
-        after = sum(float(t.double().pow(2).sum()) for t in wh) + lr * lr * sum(
-            float(b.double().pow(2).sum()) for b in bh)
-        super()._update_tangent(group, w, j, key, g, hv)  # z <- A z + c
-        if before <= 0.0 or not math.isfinite(after):
-            return
-        log_rho = 0.5 * (math.log(max(after, 1e-300)) - math.log(before))
-        ema = self.study["log_growth"].get(j)
-        ema = log_rho if ema is None else self.growth_beta * ema + (1 - self.growth_beta) * log_rho
-        self.study["log_growth"][j] = ema
-        gamma = min(1.0, self.growth_cap / math.exp(ema))
-        if gamma < 1.0:  # z <- gamma A z + c = (A z + c) - (1 - gamma) A z
-            self.study["gamma_applied"] += 1
-            self.study["gamma_min"] = min(self.study["gamma_min"], gamma)
-            for t, h in zip(tw, wh):
-                t.add_(h, alpha=-(1.0 - gamma))
-            if tb is not None:
-                for t, h in zip(tb, bh):
-                    t.add_(h, alpha=-(1.0 - gamma))
+    # The growth cap is the core option ``growth_cap`` of ohotorch.OHO (ohotorch/growth_cap.py), ported
+    # from this class; the study keeps only its statistics (gamma per tangent and step, from the
+    # diagnostics, and the final log-growth EMA).
+    def _note_growth(self) -> None:
+        gammas = self.diagnostics.get("growth_gamma") or {}
+        for gamma in gammas.values():
+            if gamma < 1.0:
+                self.study["gamma_applied"] += 1
+                self.study["gamma_min"] = min(self.study["gamma_min"], gamma)
+        ema = self._bookkeeping.growth_ema
+        if ema is not None:
+            self.study["log_growth"] = dict(enumerate(ema.tolist()))
 
     # (b) ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -177,10 +155,16 @@ class StableOHO(OHO):
         old = self.study["lam"]
         self.study["lam"] = lam if old is None else self.curvature_beta * old + (1 - self.curvature_beta) * lam
 
+    def _tangent_tensors(self) -> List[torch.Tensor]:
+        return influence.tangent_tensors(list(self.state.values()))
+
+    def _zero_influence(self) -> None:
+        influence.zero_tangents_(list(self.state.values()))
+
     def _set_lr(self, value: float) -> None:
         group = self.param_groups[0]
         group["lr"] = value
-        state = self._oho["meta_state"].get("0/lr")
+        state = self._bookkeeping.meta_state.get("0/lr")
         if state is not None:
             state["written"] = value
 
@@ -196,10 +180,12 @@ class StableOHO(OHO):
 
     # (c) + step --------------------------------------------------------------------------------
     def step(self, closure=None):  # type: ignore[override]
-        if self.curvature_cap is not None and self._oho["steps"] % self.curvature_every == 0:
+        if self.curvature_cap is not None and self._bookkeeping.steps % self.curvature_every == 0:
             self._power_iteration(closure)
             self._apply_curvature_cap()
         loss = super().step(closure)
+        if self.growth_cap is not None:
+            self._note_growth()
         if self.backoff is not None and loss is not None:
             self._check_spike(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
         return loss
@@ -215,7 +201,7 @@ class StableOHO(OHO):
             return
         s = self.study
         ema, var = s["loss_ema"], s.get("loss_var", 0.0)
-        steps = self._oho["steps"]
+        steps = self._bookkeeping.steps
         resting = steps < s.get("rest_until", 0)
         spike = not math.isfinite(value) or (
             ema is not None and not resting and steps > 50 and value > self.backoff * ema
@@ -235,7 +221,7 @@ class StableOHO(OHO):
 
     def _check_spike_ratio(self, value: float) -> None:
         ema = self.study["loss_ema"]
-        spike = not math.isfinite(value) or (ema is not None and self._oho["steps"] > 20 and value > self.backoff * ema)
+        spike = not math.isfinite(value) or (ema is not None and self._bookkeeping.steps > 20 and value > self.backoff * ema)
         if spike:
             self.study["backoffs"] += 1
             self._set_lr(self.param_groups[0]["lr"] * 0.5)

@@ -585,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit("no run matches --tasks / --methods")
     env = common.environment(torch.device("cpu"))
     for name in ("schedulefree", "prodigyopt"):
-        env["versions"][name] = common._package_version(name)
+        env["versions"][name] = common.package_version(name)
     out = Path(args.out) if args.out else RESULTS_DIR / ("suite_quick.json" if args.quick else "suite.json")
     config = {k: v for k, v in vars(args).items() if k not in ("summarise",)}
     config["oho_variant"] = dict(args.oho_variant)

@@ -46,7 +46,8 @@ or hyper-step and wins over any pending result (its meta state restarts, as on C
 first applies every pending result, so a checkpoint holds the newest values and the resumed run
 continues as the original does after the same call; ``counters`` and ``diagnostics`` wait for the
 pending results when read (the only blocking reads). ``_sync_free = True`` / ``False`` on an instance
-forces the path either way (the tests run the sync-free path on CPU tensors).
+forces the path either way (the tests run the sync-free path on CPU tensors). With ``growth_cap`` the
+gammas are read once per step for ``diagnostics["growth_gamma"]`` on the host path only.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import hyper_groups, influence, meta
+from . import growth_cap, hyper_groups, influence, meta
 from .compat import check_torch_arguments
 from .deferred import Deferred, Readback, Record
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
@@ -126,15 +127,21 @@ class Bookkeeping:
     meta_state: Dict[str, Dict[str, float]] = field(default_factory=dict)
     nonfinite_hypergradients: int = 0
     nonfinite_influence: int = 0
+    # growth_cap: the EMA of each tangent's log-growth (float64, NaN before its first observation),
+    # on the tangents' device; None until the cap first runs (ohotorch.growth_cap).
+    growth_ema: Optional[Tensor] = None
 
     def to_state(self) -> Dict[str, Any]:
-        return {
+        state = {
             "steps": self.steps, "hyper_steps": self.hyper_steps,
             "keys": None if self.keys is None else [list(key) for key in self.keys],
             "meta_state": {slot: dict(values) for slot, values in self.meta_state.items()},
             "nonfinite_hypergradients": self.nonfinite_hypergradients,
             "nonfinite_influence": self.nonfinite_influence,
         }
+        if self.growth_ema is not None:  # a host sync (state_dict only)
+            state["growth_ema"] = self.growth_ema.tolist()
+        return state
 
     @classmethod
     def from_state(cls, saved: Mapping[str, Any]) -> "Bookkeeping":
@@ -145,6 +152,8 @@ class Bookkeeping:
             meta_state={slot: dict(values) for slot, values in saved.get("meta_state", {}).items()},
             nonfinite_hypergradients=saved.get("nonfinite_hypergradients", 0),
             nonfinite_influence=saved.get("nonfinite_influence", 0),
+            growth_ema=(None if saved.get("growth_ema") is None
+                        else torch.tensor(saved["growth_ema"], dtype=torch.float64)),
         )
 
 
@@ -239,6 +248,15 @@ class OHO(Optimizer):
             the full and long discounted horizons let the learning rate climb past the edge of
             stability, where the exact influence grows exponentially and its hypergradients are noise
             (benchmarks/defaults.py, benchmarks/results/defaults/defaults.json).
+        growth_cap: ``None`` (default: off) or ``c >= 0``: cap the growth of the influence of the full
+            or discounted horizon (``discount > 0``). Each tangent step :math:`z_{t+1} = A_t z_t + c_t`
+            becomes :math:`\gamma_t A_t z_t + c_t` with :math:`\gamma_t = \min(1, c/\exp e)`, :math:`e`
+            an EMA (0.9) of the log-growth :math:`\log(\lVert A_t z_t\rVert/\lVert z_t\rVert)` of the
+            tangent state (SGD: :math:`z = (\dot w, \eta\dot b)`), so the influence never grows faster
+            than ``c`` per step (``c = 1`` recommended; a study measured it with ``discount=1`` and
+            ``meta_lr=0.01``: benchmarks/results/horizon/README.md). No extra HVP: two float64 norms,
+            one scaling per tangent and step, no host sync (:mod:`ohotorch.growth_cap`). No effect with
+            the greedy horizon (``discount=0``) or on a reset step, where the influence restarts from zero.
         module: the model. When given, its buffers (BatchNorm running statistics) are restored so that
             they end every step exactly as one ordinary training step leaves them, and the validation
             closure leaves them untouched. Without it, each extra closure evaluation updates them again.
@@ -322,6 +340,7 @@ class OHO(Optimizer):
         compute_dtype: Optional[torch.dtype] = Options.compute_dtype,
         reset_every: Optional[int] = Options.reset_every,
         discount: float = Options.discount,
+        growth_cap: Optional[float] = Options.growth_cap,
         module: Optional[nn.Module] = Options.module,
         foreach: Optional[bool] = Options.foreach,
     ) -> None:
@@ -331,7 +350,7 @@ class OHO(Optimizer):
         options = Options(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
-                          discount=discount, module=module, foreach=foreach)
+                          discount=discount, growth_cap=growth_cap, module=module, foreach=foreach)
         self._setup(params, defaults, options)
 
     @property
@@ -974,9 +993,14 @@ class OHO(Optimizer):
             ids = {id(p) for p in active}
             influence.zero_tangents_([s for p, s in self.state.items() if id(p) not in ids])
 
+        capped = self.growth_cap is not None and not from_zero and bool(stepping_groups)
+        gammas: Dict[int, Tensor] = {}  # growth_cap: gamma of each tangent this step
+
         def update(tangent_index: int, hvp: Optional[List[Tensor]]) -> None:
             """Advance one tangent in every group; ``hvp`` spans all active params (None: from zero)."""
+            key = keys[tangent_index]
             offset = 0
+            before = self._state_sq_norm(stepping_groups, tangent_index) if capped else None
             for group_index, group, work in stepping_groups:
                 n = len(work.params)
                 if hvp is not None:
@@ -986,10 +1010,12 @@ class OHO(Optimizer):
                 else:  # a zero w' whose companions (b', m', v') may not be zero (lr = 0)
                     part = [torch.zeros_like(influence.tangent_slice(s["tangent_w"], tangent_index))
                             for s in work.states]
-                self._rule.update_tangent(group, work, tangent_index, keys[tangent_index],
-                                          influence.is_direct(self.param_groups, keys[tangent_index], group_index),
-                                          part)
+                # growth_cap: the homogeneous part A z first (direct=False), the direct terms after the cap
+                direct = influence.is_direct(self.param_groups, key, group_index)
+                self._rule.update_tangent(group, work, tangent_index, key, direct and not capped, part)
                 offset += n
+            if before is not None:
+                self._cap_growth_(stepping_groups, keys, tangent_index, before, gammas)
 
         for tangent_index in range(len(keys)):
             if tangent_index not in hvps:
@@ -1004,6 +1030,45 @@ class OHO(Optimizer):
             # Each tangent is updated as soon as its turn comes (no other update reads its HVP).
             update(tangent_index, hvp)
             del hvp
+        if gammas and not self._use_sync_free(active):  # diagnostics: one host read per step
+            values = torch.stack([gamma.cpu() for gamma in gammas.values()]).tolist()
+            self._diag()["growth_gamma"] = {influence.key_name(self.param_groups, keys[index]): value
+                                            for index, value in zip(gammas, values)}
+
+    def _state_sq_norm(self, stepping_groups: Sequence[Tuple[int, Dict[str, Any], Any]], tangent_index: int) -> Tensor:
+        """The squared norm of tangent ``tangent_index``'s state over every group that steps (0-d, float64)."""
+        norms = [self._rule.state_sq_norm(group, work, tangent_index) for _, group, work in stepping_groups]
+        total = norms[0]
+        for norm in norms[1:]:
+            total = total + norm.to(total.device)
+        return total
+
+    def _cap_growth_(self, stepping_groups: Sequence[Tuple[int, Dict[str, Any], Any]], keys: List[TangentKey],
+                     tangent_index: int, before: Tensor, gammas: Dict[int, Tensor]) -> None:
+        r"""After the homogeneous update :math:`A_t z_t` of one tangent: update its log-growth EMA, scale
+        the state by :math:`\gamma_t` and add the direct terms (:mod:`ohotorch.growth_cap`). No host sync."""
+        after = self._state_sq_norm(stepping_groups, tangent_index)
+        book = self._bookkeeping
+        ema = book.growth_ema
+        if ema is None or ema.numel() != len(keys) or ema.device != after.device:
+            fresh = torch.full((len(keys),), math.nan, dtype=torch.float64, device=after.device)
+            if ema is not None and ema.numel() == len(keys):
+                fresh.copy_(ema)
+            ema = book.growth_ema = fresh
+        new_ema, gamma = growth_cap.growth_gamma(before, after, ema[tangent_index], cap=self.growth_cap)
+        ema[tangent_index] = new_ema
+        slices = [influence.tangent_slice(t, tangent_index)
+                  for _, _, work in stepping_groups for t in influence.tangent_tensors(work.states)]
+        by_device: Dict[torch.device, List[Tensor]] = {}
+        for t in slices:
+            by_device.setdefault(t.device, []).append(t)
+        for device, tensors in by_device.items():
+            torch._foreach_mul_(tensors, gamma.to(device))
+        gammas[tangent_index] = gamma
+        key = keys[tangent_index]
+        for group_index, group, work in stepping_groups:
+            if influence.is_direct(self.param_groups, key, group_index):
+                self._rule.add_direct_terms(group, work, tangent_index, key)
 
     # ------------------------------------------------------------------ hypergradients
     def hypergradient(self, val_closure: Closure) -> List[Dict[str, Tensor]]:

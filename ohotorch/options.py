@@ -64,6 +64,7 @@ class Options:
     compute_dtype: Optional[torch.dtype] = None
     reset_every: Optional[int] = None
     discount: float = 0.0
+    growth_cap: Optional[float] = None
     module: Optional[nn.Module] = None
     foreach: Optional[bool] = None
 
@@ -97,6 +98,11 @@ class Options:
             raise ValueError(f"Invalid reset_every: {self.reset_every!r} (a positive integer or None)")
         if not (0.0 <= real(self.discount, "discount") <= 1.0):
             raise ValueError(f"Invalid discount: {self.discount!r} (gamma in [0, 1])")
+        if self.growth_cap is not None:
+            cap = real(self.growth_cap, "growth_cap")
+            if not (math.isfinite(cap) and cap >= 0.0):
+                raise ValueError(f"Invalid growth_cap: {self.growth_cap!r} (a finite number >= 0, or None)")
+            self.growth_cap = cap
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(self.module).__name__}")
         self.meta_lr = _check_meta_lr(self.meta_lr, self.meta_optimizer, self.space)

@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Protocol, Tuple
 import torch
 from torch import Tensor
 
-from .adam_tangents import adam_apply_, adam_direction_, adam_tangent_update_
+from .adam_tangents import adam_apply_, adam_direct_terms_, adam_direction_, adam_state_sq_norm, adam_tangent_update_
 from .influence import TangentKey, as_dtype, tangent_slice
 from .options import real
-from .sgd_tangents import sgd_apply_, sgd_direction_, sgd_tangent_update_
+from .sgd_tangents import sgd_apply_, sgd_direct_terms_, sgd_direction_, sgd_state_sq_norm, sgd_tangent_update_
 
 __all__ = ["Rule", "SGDRule", "AdamRule", "SGDWork", "AdamWork", "effective_lr", "lr_derivative",
            "check_lr_and_weight_decay"]
@@ -111,6 +111,14 @@ class Rule(Protocol):
         their memory is overwritten, never read.
         """
 
+    def state_sq_norm(self, group: Group, work: Any, index: int) -> Tensor:
+        """The squared norm of tangent ``index``'s state on the group's parameters (0-d float64 tensor,
+        no host sync), in the metric the growth cap measures (:mod:`ohotorch.growth_cap`)."""
+
+    def add_direct_terms(self, group: Group, work: Any, index: int, key: TangentKey) -> None:
+        """Add the direct terms c_t of tangent ``index`` (``update_tangent`` with ``direct=False`` gave
+        the homogeneous part A_t z_t; both together are the full update)."""
+
     def apply(self, group: Group, work: Any) -> None:
         """Move the weights (after every tangent update, which reads w_t)."""
 
@@ -195,6 +203,35 @@ class SGDRule:
                 foreach=work.foreach, use_buffer=uses_buffer,
             )
 
+    def state_sq_norm(self, group: Group, work: SGDWork, index: int) -> Tensor:
+        tangent_b = ([tangent_slice(s["tangent_b"], index) for s in work.states]
+                     if self.uses_buffer(group) and "tangent_b" in work.states[0] else None)
+        return sgd_state_sq_norm([tangent_slice(s["tangent_w"], index) for s in work.states], tangent_b,
+                                 lr=effective_lr(group))
+
+    def add_direct_terms(self, group: Group, work: SGDWork, index: int, key: TangentKey) -> None:
+        uses_buffer = self.uses_buffer(group)
+        name = key[1]
+        for first_step in (True, False):
+            chosen = [i for i, f in enumerate(work.first_step) if f == first_step]
+            if not chosen:
+                continue
+            states = [work.states[i] for i in chosen]
+            keeps_tangent_b = uses_buffer and "tangent_b" in states[0]
+            sgd_direct_terms_(
+                [tangent_slice(s["tangent_w"], index) for s in states],
+                [tangent_slice(s["tangent_b"], index) for s in states] if keeps_tangent_b else None,
+                [work.params[i] for i in chosen],
+                [work.momentum_buffers[i] for i in chosen] if uses_buffer else None,  # type: ignore[misc]
+                [work.previous_buffers[i] for i in chosen],
+                [work.direction[i] for i in chosen],
+                lr=effective_lr(group), momentum=group["momentum"], dampening=group["dampening"],
+                nesterov=group["nesterov"], first_step=first_step, use_buffer=uses_buffer,
+                direct_lr=name in ("lr", "lr_scale"), lr_derivative=lr_derivative(group, name),
+                direct_weight_decay=name == "weight_decay", direct_momentum=name == "momentum",
+                foreach=work.foreach,
+            )
+
     def apply(self, group: Group, work: SGDWork) -> None:
         sgd_apply_(work.params, work.direction, lr=effective_lr(group), foreach=work.foreach)
 
@@ -266,6 +303,26 @@ class AdamRule:
             lr_derivative=lr_derivative(group, name),
             direct_weight_decay=name == "weight_decay" and direct,
             foreach=work.foreach,
+        )
+
+    def state_sq_norm(self, group: Group, work: AdamWork, index: int) -> Tensor:
+        states = work.states
+        return adam_state_sq_norm(
+            [tangent_slice(s["tangent_w"], index) for s in states], [tangent_slice(s["tangent_m"], index) for s in states],
+            [tangent_slice(s["tangent_v"], index) for s in states], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], work.denom, work.bc1, work.bc2_sqrt, lr=effective_lr(group))
+
+    def add_direct_terms(self, group: Group, work: AdamWork, index: int, key: TangentKey) -> None:
+        states = work.states
+        beta1, beta2 = group["betas"]
+        name = key[1]
+        adam_direct_terms_(
+            [tangent_slice(s["tangent_w"], index) for s in states], [tangent_slice(s["tangent_m"], index) for s in states],
+            [tangent_slice(s["tangent_v"], index) for s in states], work.params, work.d,
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], work.denom, work.bc1, work.bc2_sqrt,
+            lr=effective_lr(group), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            decoupled=self.decoupled, direct_lr=name in ("lr", "lr_scale"), lr_derivative=lr_derivative(group, name),
+            direct_weight_decay=name == "weight_decay", foreach=work.foreach,
         )
 
     def apply(self, group: Group, work: AdamWork) -> None:

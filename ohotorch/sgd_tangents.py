@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["sgd_direction_", "sgd_apply_", "sgd_tangent_update_"]
+__all__ = ["sgd_direction_", "sgd_apply_", "sgd_tangent_update_", "sgd_direct_terms_", "sgd_state_sq_norm"]
 
 
 def sgd_direction_(
@@ -221,6 +221,7 @@ def _tangent_update_foreach(
 def _fresh_tangent(
     tangent_w, tangent_b, params, buffers, previous_buffers, direction, *, lr, momentum, dampening, nesterov,
     first_step, use_buffer, direct_lr, direct_weight_decay, direct_momentum, foreach, lr_derivative,
+    accumulate=False,
 ) -> None:
     r"""The tangent update from zero tangents: only the direct terms survive.
 
@@ -230,8 +231,15 @@ def _fresh_tangent(
     :math:`\dot u = \dot d + \mu \dot b\ (+\,[\theta=\mu] b_t)` (nesterov) or :math:`\dot b`, and
     :math:`\dot w = -\eta \dot u - [\theta=\eta] u_t`. Written with scale-and-copy ops so that no
     stale value (not even NaN) survives.
+
+    ``accumulate=True`` adds these direct terms :math:`c_t` to the tangents instead of writing them
+    (:func:`sgd_direct_terms_`).
     """
-    def scaled(dst, src, factor):  # dst <- factor * src, or 0 when src is None
+    def scaled(dst, src, factor):  # dst <- factor * src, or 0 when src is None (accumulate: dst += ...)
+        if accumulate:
+            if src is not None:
+                add(dst, src, factor)
+            return
         if src is None:
             if foreach:
                 torch._foreach_zero_(dst)
@@ -282,3 +290,63 @@ def _fresh_tangent(
             scaled(tangent_w, None, 0.0)
     else:
         scaled(tangent_w, None, 0.0)
+
+
+def sgd_direct_terms_(
+    tangent_w: List[Tensor],
+    tangent_b: Optional[List[Tensor]],
+    params: List[Tensor],
+    buffers: Optional[List[Tensor]],
+    previous_buffers: Optional[List[Optional[Tensor]]],
+    direction: List[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    first_step: bool,
+    use_buffer: bool,
+    direct_lr: bool,
+    direct_weight_decay: bool,
+    direct_momentum: bool,
+    foreach: bool,
+    lr_derivative: float = 1.0,
+) -> None:
+    r"""Add the direct terms :math:`c_t` of one SGD tangent step to :math:`(\dot w, \dot b)`, in place.
+
+    The tangent step is linear: :math:`z_{t+1} = A_t z_t + c_t` with :math:`z = (\dot w, \dot b)`.
+    :func:`sgd_tangent_update_` with every ``direct_*`` false computes the homogeneous part
+    :math:`A_t z_t`; this function then adds :math:`c_t`, the update from zero tangents (the
+    :math:`[\theta = x]` terms), so that the two calls reproduce the full update up to rounding.
+    Arguments as :func:`sgd_tangent_update_`. Cost: at most 2 passes (none when nothing is direct).
+    """
+    _fresh_tangent(
+        tangent_w, tangent_b, params, buffers, previous_buffers, direction, lr=lr, momentum=momentum,
+        dampening=dampening, nesterov=nesterov, first_step=first_step, use_buffer=use_buffer,
+        direct_lr=direct_lr, direct_weight_decay=direct_weight_decay, direct_momentum=direct_momentum,
+        foreach=foreach, lr_derivative=lr_derivative, accumulate=True,
+    )
+
+
+def sgd_state_sq_norm(tangent_w: List[Tensor], tangent_b: Optional[List[Tensor]], *, lr: float) -> Tensor:
+    r""":math:`\lVert \dot w\rVert^2 + \eta^2 \lVert \dot b\rVert^2` as a 0-d float64 tensor (no host sync).
+
+    The squared norm of the tangent state :math:`z = (\dot w, \eta \dot b)`: :math:`\eta \dot b` is the
+    displacement of :math:`\dot w` that :math:`\dot b` causes at the next step, so both parts are in
+    the units of :math:`\dot w`. Complex tangents count their real and imaginary parts. Cost: one
+    norm kernel per list.
+    """
+    total = _sq_norm(tangent_w)
+    if tangent_b is not None and lr != 0.0:
+        total = total + (lr * lr) * _sq_norm(tangent_b)
+    return total
+
+
+def _sq_norm(tensors: List[Tensor]) -> Tensor:
+    """The sum of squares of every entry, accumulated in float64 (0-d tensor on the tensors' device)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    if not any(t.is_complex() for t in tensors):  # one kernel for the whole list
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
+    return sum(torch.linalg.vector_norm(t, dtype=torch.complex128 if t.is_complex() else torch.float64).square()
+               for t in tensors)  # type: ignore[return-value]

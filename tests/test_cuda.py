@@ -57,6 +57,12 @@ SYNC_FREE = {
                                                      weight_decay=1e-3, discount=0.9, hvp="central"),
     "adam_greedy": lambda m: ohotorch.OHOAdam(m.parameters(), lr=1e-3, weight_decay=1e-3, module=m),
     "adam_full": lambda m: ohotorch.OHOAdam(m.parameters(), lr=1e-3, weight_decay=1e-3, module=m, discount=1.0),
+    "full_growth_cap": lambda m: ohotorch.OHO(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, module=m,
+                                              discount=1.0, growth_cap=1.0),
+    "growth_cap_layerwise": lambda m: ohotorch.OHO(ohotorch.layerwise(m), lr=0.05, momentum=0.9, module=m,
+                                                   weight_decay=1e-3, discount=0.9, growth_cap=1.0),
+    "adamw_full_growth_cap": lambda m: ohotorch.OHOAdamW(m.parameters(), lr=1e-3, module=m, discount=1.0,
+                                                         growth_cap=1.0),
 }
 
 
@@ -96,3 +102,6 @@ def test_steady_state_step_and_hyper_step_never_sync(name):
     assert group["lr"] != start["lr"] and group["weight_decay"] != start["weight_decay"]
     if "greedy" not in name:
         assert min(opt.diagnostics["influence_norm"].values()) > 0
+    if "growth_cap" in name:  # the EMA lives on the device and has seen every tangent
+        ema = opt._bookkeeping.growth_ema
+        assert ema.is_cuda and bool(torch.isfinite(ema).all())

@@ -83,7 +83,10 @@ def test_switches_off_is_oho_bit_for_bit(discount):
 def test_growth_cap_never_engaged_is_full_horizon():
     _, o1, h1 = _train(lambda m: OHO(m.parameters(), discount=1.0, **KW))
     _, o2, h2 = _train(lambda m: hs.StableOHO(m.parameters(), discount=1.0, growth_cap=1e300, **KW))
-    assert h1 == h2
+    # the capped update is split (homogeneous part, then the direct terms): equal to float64 rounding
+    for a, b in zip(h1, h2):
+        for k in a:
+            assert math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12), (k, a[k], b[k])
     assert o2.study["gamma_applied"] == 0
 
 
@@ -115,10 +118,10 @@ def test_noisy_small_loss_is_not_a_spike():
     opt = hs.StableOHO(model.parameters(), discount=1.0, backoff=2.0, **KW)
     gen = torch.Generator().manual_seed(0)
     for t in range(200):  # a minibatch loss around 0.05 that often doubles: noise, not divergence
-        opt._oho["steps"] = t + 1
+        opt._bookkeeping.steps = t + 1
         opt._check_spike(0.05 * float(torch.empty(1).exponential_(generator=gen)))
     assert opt.study["backoffs"] == 0
-    opt._oho["steps"] = 201
+    opt._bookkeeping.steps = 201
     opt._check_spike(2.3)  # a jump to chance is
     assert opt.study["backoffs"] == 1
 

@@ -23,7 +23,7 @@ from .optimizers import (ALL_METHODS, BASELINES, EXTRA_METHODS, HYPER_NAMES, OHO
                          is_method, parse_method, parse_options)
 from .results import (SUMMARY_COLUMNS, format_table, geometric_mean, payload_header, results_path, summary_rows,
                       write_results)
-from .runtime import (BENCH_DIR, REPO_ROOT, RESULTS_DIR, environment, import_ohotorch, resolve_device,
+from .runtime import (BENCH_DIR, REPO_ROOT, RESULTS_DIR, environment, import_ohotorch, package_version, resolve_device,
                       seed_everything, setup_runtime)
 from .tasks import TASK_MODULES, Session, Task, compare_main, load_task, open_session
 from .training import (Recorder, autocast, evaluate, evaluate_splits, final_figures, make_closure, run_method,
@@ -35,7 +35,7 @@ __all__ = [
     "TASK_MODULES", "Task", "TensorLoader", "TrainConfig", "autocast", "build_oho", "build_optimizer",
     "build_parser", "compare_main", "config_help", "environment", "evaluate", "evaluate_splits", "field_help",
     "final_figures", "format_table", "geometric_mean", "group_names", "has_buffers", "hyperparameters",
-    "import_ohotorch", "is_method", "load_task", "make_closure", "mlp", "open_session", "parse_config",
+    "import_ohotorch", "package_version", "is_method", "load_task", "make_closure", "mlp", "open_session", "parse_config",
     "parse_method", "parse_options", "payload_header", "peek_option", "resolve_device", "results_path",
     "run_method", "seed_everything", "setup_runtime", "small_cnn", "split_indices", "summary_rows",
     "synthetic_images", "tensor_data", "to_device", "write_results",

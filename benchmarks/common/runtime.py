@@ -53,7 +53,7 @@ def setup_runtime(cfg: Any) -> torch.device:
 
 
 
-def _package_version(name: str) -> Optional[str]:
+def package_version(name: str) -> Optional[str]:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -100,9 +100,9 @@ def environment(device: torch.device) -> Dict[str, Any]:
     """Library versions, device and host facts written into every results file. Call it when a run
     starts: the git state and source digest then describe the code that ran."""
     ohotorch = import_ohotorch(required=False)
-    versions = {name: _package_version(name) for name in ("torch", "torchvision", "numpy", "scikit-learn",
+    versions = {name: package_version(name) for name in ("torch", "torchvision", "numpy", "scikit-learn",
                                                            "optuna", "tqdm")}
-    versions["ohotorch"] = getattr(ohotorch, "__version__", None) or _package_version("ohotorch")
+    versions["ohotorch"] = getattr(ohotorch, "__version__", None) or package_version("ohotorch")
     versions["python"] = platform.python_version()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
