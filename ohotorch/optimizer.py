@@ -51,21 +51,17 @@ gammas are read once per step for ``diagnostics["growth_gamma"]`` on the host pa
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import growth_cap, hyper_groups, influence, meta
+from . import growth_cap, hyper_groups, influence, meta, sync_free, usage
 from .compat import check_torch_arguments
-from .deferred import Deferred, Readback, Record
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
                                  perturbation_scale, relative_step)
 from .influence import TangentKey
@@ -82,39 +78,6 @@ Closure = Callable[[], Any]
 def _is_sharded(p: Tensor) -> bool:
     """A parameter that FSDP shards: a DTensor (FSDP2, tensor parallel) or FSDP1's FlatParameter."""
     return type(p).__name__ in ("DTensor", "FlatParameter") or type(getattr(p, "data", None)).__name__ == "DTensor"
-
-
-@dataclass
-class Usage:
-    """How the optimizer is being called, for the misuse warnings (each given once per optimizer).
-
-    Not part of the state_dict (a resumed run starts afresh); copied with the optimizer.
-    """
-
-    steps_without_hyper_step: int = 0  # consecutive steps since the last hyper_step / hypergradient
-    hyper_stepped: bool = False  # a hyper_step since the last step
-    buffer_watches: int = 0  # steps / hyper-steps whose extra evaluations were watched for module buffers
-    warned: Set[str] = field(default_factory=set)  # kinds of warning given ("lr/<group>", ...)
-
-    def warn_once(self, kind: str, message: str) -> None:
-        if kind not in self.warned:
-            self.warned.add(kind)
-            warnings.warn(message, stacklevel=_caller_stacklevel())
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside ohotorch, torch and contextlib: the user's call."""
-    internal = (os.path.dirname(__file__), os.path.dirname(torch.__file__), contextlib.__file__)
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-# Steps with tuning on and no hyper_step after which OHO warns that nothing is being tuned.
-STEPS_WITHOUT_HYPER_STEP = 50
-# Steps / hyper-steps whose extra closure evaluations are watched for buffers OHO cannot see (no module=).
-BUFFER_WATCHES = 3
 
 
 @dataclass
@@ -357,7 +320,7 @@ class OHO(Optimizer):
     def diagnostics(self) -> Dict[str, Any]:
         """Diagnostics of the last step and hyper-step (on the sync-free path, reading them waits for
         the device's results, which are otherwise read later)."""
-        self._report_deferred()
+        sync_free.report(self)
         return self.__dict__.setdefault("_diagnostics", {})
 
     @diagnostics.setter
@@ -373,7 +336,7 @@ class OHO(Optimizer):
         self.options = options
         self.diagnostics: Dict[str, Any] = {}
         self._bookkeeping = Bookkeeping()
-        self._usage = Usage()
+        self._usage = usage.Usage()
         self._fixed_tune: Optional[List[Tuple[str, ...]]] = None  # each group's tune at the first step
         self._buffer_storage: Dict[str, List[Tensor]] = {}
         self._loss_hyperparameters = LossHyperparameters()
@@ -487,7 +450,7 @@ class OHO(Optimizer):
         that ``copy.deepcopy``, ``pickle`` and ``torch.save`` give an optimizer that continues exactly
         like this one. Registered hooks are left out, as torch.optim does; the buffer snapshots' memory
         is re-allocated on the copy's first step."""
-        self._settle()  # deferred device results reach param_groups; the copy starts with none pending
+        sync_free.settle(self)  # deferred device results reach param_groups; the copy starts with none pending
         state = {key: value for key, value in self.__dict__.items()
                  if not (key.startswith("_optimizer_") and key.endswith("_hooks"))
                  and key not in ("_deferred_results", "_device_meta")}
@@ -538,43 +501,6 @@ class OHO(Optimizer):
         self._commit_layout(keys)
         return keys
 
-    @contextlib.contextmanager
-    def _watch_unseen_buffers(self) -> Iterator[None]:
-        """Without ``module``, watch OHO's own closure evaluations (of the first few steps and hyper-steps)
-        for modules whose buffers, or their submodules', change (BatchNorm's running statistics in training
-        mode; the version counters tell, nothing is copied), and warn once: those evaluations update them
-        again, which ``module=`` would prevent. Global module hooks see torch.compile'd models too (as one
-        module) and cause no recompilation."""
-        usage = self._usage
-        if self.module is not None or "buffers" in usage.warned or usage.buffer_watches >= BUFFER_WATCHES:
-            yield
-            return
-        usage.buffer_watches += 1
-        versions: Dict[int, List[int]] = {}
-        changed: List[str] = []
-
-        def before(module: nn.Module, args: Any) -> None:
-            versions[id(module)] = [b._version for b in module.buffers()]
-
-        def after(module: nn.Module, args: Any, output: Any) -> None:
-            seen = versions.pop(id(module), None)
-            if seen is not None and seen != [b._version for b in module.buffers()]:
-                changed.append(type(getattr(module, "_orig_mod", module)).__name__)  # torch.compile's wrapper
-
-        handles = [nn.modules.module.register_module_forward_pre_hook(before),
-                   nn.modules.module.register_module_forward_hook(after)]
-        try:
-            with warnings.catch_warnings():  # torch.compile'd modules warn that global hooks exist
-                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global")
-                yield
-        finally:
-            for handle in handles:
-                handle.remove()
-        if changed:
-            usage.warn_once("buffers", (
-                f"OHO: the closure updates module buffers ({changed[0]}, e.g. BatchNorm running statistics) "
-                "in OHO's extra evaluations, so they absorb every Hessian-vector product and validation "
-                f"evaluation. Pass module=model to {type(self).__name__} to have them restored."))
 
     def _use_foreach(self, params: Sequence[Tensor]) -> bool:
         """The ``torch._foreach_*`` path, decided once per step: the option, else every parameter on CUDA."""
@@ -605,69 +531,11 @@ class OHO(Optimizer):
             return bool(self._sync_free)
         return bool(params) and all(p.is_cuda for p in params)
 
-    def _deferred(self) -> Deferred:
-        deferred = self.__dict__.get("_deferred_results")
-        if deferred is None:
-            deferred = self.__dict__["_deferred_results"] = Deferred()
-        return deferred
 
-    def _settle(self, before: Optional[int] = None) -> None:
-        """Apply the deferred results made before step count ``before`` (all of them when None):
-        hyperparameters into ``param_groups``, resets of non-finite tangents; see :meth:`hyper_step`."""
-        deferred = self.__dict__.get("_deferred_results")
-        if deferred is not None and deferred.records:
-            self._restart_outside_writes()
-            deferred.apply(before)
 
-    def _report_deferred(self) -> None:
-        """Counters, warnings and diagnostics of every deferred result (waits for them; applies nothing)."""
-        deferred = self.__dict__.get("_deferred_results")
-        if deferred is not None:
-            deferred.consume_all()
 
-    def _drop_device_meta(self) -> None:
-        """Forget the device copies of the tuned values (after load_state_dict: they are stale)."""
-        self.__dict__.pop("_device_meta", None)
-        deferred = self.__dict__.get("_deferred_results")
-        if deferred is not None:
-            deferred.discard()
 
-    def _restart_outside_writes(self) -> None:
-        """Values changed in ``param_groups`` since OHO last wrote them restart their device meta state."""
-        device_meta: Optional[meta.DeviceMeta] = self.__dict__.get("_device_meta")
-        if device_meta is None:
-            return
-        for i, (index, name) in enumerate(device_meta.entries):
-            value = float(self.param_groups[index][name])
-            previous = device_meta.written[i]
-            if value != previous:
-                device_meta.restart(i, value)
-                self._bookkeeping.meta_state.pop(f"{index}/{name}", None)
-                if name == "lr":
-                    self._usage.warn_once(
-                        f"lr/{index}",
-                        f"OHO: the lr of param group {index} was changed from outside since the last hyper_step "
-                        f"({previous} -> {value}); OHO continues from the new value. If a "
-                        "scheduler (e.g. ReduceLROnPlateau) sets it, tune 'lr_scale' instead of 'lr' so the "
-                        "two do not overwrite each other."
-                    )
 
-    def _device_meta_for(self, entries: List[Tuple[int, str]], device: torch.device) -> meta.DeviceMeta:
-        device_meta: Optional[meta.DeviceMeta] = self.__dict__.get("_device_meta")
-        if device_meta is not None and device_meta.entries == entries:
-            return device_meta
-        self._settle()
-        values, states = [], []
-        for index, name in entries:
-            value = float(self.param_groups[index][name])
-            state = self._bookkeeping.meta_state.get(f"{index}/{name}", {})
-            if state.get("written", value) != value:  # set from outside since the last hyper-step
-                state = {}
-            values.append(value)
-            states.append(state)
-        device_meta = meta.DeviceMeta(entries, values, states, self._meta_config(), device)
-        self.__dict__["_device_meta"] = device_meta
-        return device_meta
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -709,9 +577,9 @@ class OHO(Optimizer):
         if closure is not None and losses:
             closure = losses.wrap(closure)  # the closure may read loss hyperparameters' .value
         first_loss = len(keys) - len(losses.keys()) if tuning else 0  # their tangents come last
-        sync_free = tuning and self._use_sync_free(self._all_params())
-        if sync_free:  # the results of hyper-steps before the last step reach param_groups now
-            self._settle(before=self._bookkeeping.steps)
+        on_device = tuning and self._use_sync_free(self._all_params())
+        if on_device:  # the results of hyper-steps before the last step reach param_groups now
+            sync_free.settle(self, before=self._bookkeeping.steps)
         self._diag()["effective_lr"] = hyper_groups.refresh_effective_lr_(self.param_groups)
 
         # (1) The influence before this step: discounted (applied in (3)), or restarting from zero.
@@ -724,8 +592,8 @@ class OHO(Optimizer):
             reset = self.reset_every is not None and self._bookkeeping.steps % self.reset_every == 0
             from_zero = reset or self.discount == 0.0
             if not from_zero:
-                if sync_free:
-                    scales = self._device_tangent_norms(keys)
+                if on_device:
+                    scales = sync_free.tangent_scales(self, keys)
                 else:
                     norms, weight_norm, nonfinite = self._tangent_norms(keys)
         if scales is not None:  # every tangent gets an HVP (a zero one costs its evaluation, reads 0)
@@ -755,10 +623,10 @@ class OHO(Optimizer):
             foreach = self._use_foreach(active)
             if tuning and loss is not None:
                 # Sync-free, a non-finite loss is not looked at: it makes the tangents non-finite, which
-                # the deferred norm check resets (see _device_tangent_norms).
-                finite = sync_free or bool(torch.isfinite(torch.as_tensor(loss)).all())
+                # the deferred norm check resets (see sync_free.tangent_scales).
+                finite = on_device or bool(torch.isfinite(torch.as_tensor(loss)).all())
                 if finite and nonzero:
-                    with self._watch_unseen_buffers():
+                    with usage.watch_unseen_buffers(self):
                         hvps = self._hessian_vector_products(closure, norms, weight_norm, nonzero, active,
                                                              rollback, foreach, scales)
         except BaseException:
@@ -790,7 +658,7 @@ class OHO(Optimizer):
                 influence.zero_tangent_(list(self.state.values()), tangent_index)
 
         # (4) The influence. Sync-free, a non-finite loss is not looked at: it makes the tangents
-        # non-finite, which the deferred norm check of the next step resets (see _device_tangent_norms).
+        # non-finite, which the deferred norm check of the next step resets (see sync_free.tangent_scales).
         if tuning and loss is not None:
             if not finite:
                 self._bookkeeping.nonfinite_influence += 1
@@ -805,7 +673,7 @@ class OHO(Optimizer):
             if work is not None:
                 self._rule.apply(group, work)
         self._bookkeeping.steps += 1
-        self._note_step(tuning)
+        usage.note_step(self, tuning)
         return loss
 
     def _layout(self, tuning: bool) -> List[TangentKey]:
@@ -833,15 +701,6 @@ class OHO(Optimizer):
             return self._bookkeeping.keys
         return influence.tangent_keys(self.param_groups, influence=self.influence, discount=self.discount) + losses
 
-    def _note_step(self, tuning: bool) -> None:
-        usage = self._usage
-        usage.hyper_stepped = False
-        usage.steps_without_hyper_step += 1
-        if tuning and usage.steps_without_hyper_step >= STEPS_WITHOUT_HYPER_STEP:
-            usage.warn_once("no hyper_step", (
-                f"OHO: {usage.steps_without_hyper_step} steps with tuning on and no hyper_step: the "
-                "hyperparameters move only in hyper_step(val_closure) (call it after each step, or every k "
-                "steps). Pass tune=() for plain SGD / Adam."))
 
     def _commit_layout(self, keys: List[TangentKey]) -> None:
         if self._bookkeeping.keys is None:
@@ -867,41 +726,6 @@ class OHO(Optimizer):
         coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else torch.float32
         return relative_step(coarsest, self.hvp)
 
-    def _device_tangent_norms(self, keys: Sequence[TangentKey]) -> Optional[Tuple[Tensor, Tensor]]:
-        """The perturbation scales (eps_k, 1/eps_k) on the device, with no host sync.
-
-        A zero or non-finite tangent gets eps = 1/eps = 0: its HVP perturbs nothing and reads zero. The
-        norms come back to the host later (:mod:`ohotorch.deferred`): the diagnostics, and the reset of a
-        non-finite tangent to zero, with its warning and count, at the start of the next step.
-        """
-        pairs = [(p, s["tangent_w"]) for p, s in self.state.items() if "tangent_w" in s]
-        if not keys or not pairs:  # no tangent yet: nothing to perturb
-            return None
-        all_norms = influence.tangent_norms_tensor(pairs, len(keys))
-        norms, weight_norm = all_norms[:-1] * self.discount, all_norms[-1]  # of gamma w': see _tangent_norms
-        rel = self._fd_rel([p for p, _ in pairs])
-        usable = torch.isfinite(norms) & (norms > 0)
-        safe = torch.where(usable, norms, torch.ones_like(norms))
-        reach = rel * (1.0 + weight_norm)  # eps * ||w'|| (the perturbation's norm)
-        eps = torch.where(usable, reach / safe, torch.zeros_like(norms))
-        inverse = torch.where(usable, safe / reach, torch.zeros_like(norms))
-        names = [influence.key_name(self.param_groups, key) for key in keys]
-
-        def consume(values: List[float]) -> None:
-            for name, norm in zip(names, values):
-                if not math.isfinite(norm):
-                    self._bookkeeping.nonfinite_influence += 1
-                    warnings.warn(f"OHO: the influence for {name} became non-finite and was reset to zero")
-            self._diag()["influence_norm"] = {name: (norm if math.isfinite(norm) else 0.0)
-                                              for name, norm in zip(names, values)}
-
-        def apply(values: List[float]) -> None:
-            for index, norm in enumerate(values[:len(names)]):
-                if not math.isfinite(norm):
-                    influence.zero_tangent_(list(self.state.values()), index)
-
-        self._deferred().add(Record(self._bookkeeping.steps, Readback(all_norms), consume, apply))
-        return eps, inverse
 
     def _tangent_norms(self, keys: Sequence[TangentKey]) -> Tuple[List[float], float, List[int]]:
         """(||gamma w'_k|| for every tangent, ||w||, the non-finite tangents) in one host sync.
@@ -1096,7 +920,7 @@ class OHO(Optimizer):
         losses = self._losses()
         if losses:  # the validation loss must not read a loss hyperparameter: .value refuses there
             val_closure = losses.wrap(val_closure, "val")
-        with self._watch_unseen_buffers(), ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
+        with usage.watch_unseen_buffers(self), ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
             loss, val_grads = isolation.evaluate(val_closure, "val_closure")
         if all(grad is None for grad in val_grads):
             raise RuntimeError(
@@ -1129,13 +953,13 @@ class OHO(Optimizer):
         or the values are applied.
         """
         hyper, loss = self._hypergradient(val_closure)
-        usage = self._usage
-        if usage.hyper_stepped:
-            usage.warn_once("hyper_step twice", (
+        calls = self._usage
+        if calls.hyper_stepped:
+            calls.warn_once("hyper_step twice", (
                 "OHO: hyper_step called again without a step in between: it applies another meta-update "
                 "with the same influence, i.e. the same hypergradient direction twice. Call hyper_step once "
                 "after each step (or every k steps)."))
-        usage.hyper_stepped = True
+        calls.hyper_stepped = True
         owners = hyper_groups.leaders(self.param_groups)  # one meta-update per hyper variable
         flat = [(index, name, h) for index, by_name in enumerate(hyper) for name, h in by_name.items()
                 if owners[index][name] == index]
@@ -1147,7 +971,7 @@ class OHO(Optimizer):
         device = flat[0][2].device
         loss_sum = torch.as_tensor(loss).detach().double().sum().to(device, non_blocking=True)
         if self._use_sync_free(self._all_params()):
-            self._device_hyper_step(flat, loss_sum)
+            sync_free.hyper_step(self, flat, loss_sum)
             return hyper
         *values, loss_value = torch.stack([h.detach().double() for _, _, h in flat] + [loss_sum]).tolist()
         hypergradients = [(index, name, value) for (index, name, _), value in zip(flat, values)]
@@ -1155,9 +979,9 @@ class OHO(Optimizer):
             for index, name, _ in hypergradients:  # a value set from outside: warned once per param group
                 written = self._bookkeeping.meta_state.get(f"{index}/{name}", {}).get("written")
                 if name == "lr" and written is not None and written != self.param_groups[index]["lr"]:
-                    if f"lr/{index}" in usage.warned:
+                    if f"lr/{index}" in calls.warned:
                         warnings.filterwarnings("ignore", message=f"OHO: the lr of param group {index} was changed")
-                    usage.warned.add(f"lr/{index}")
+                    calls.warned.add(f"lr/{index}")
             outcome = meta.meta_update_(self.param_groups, hypergradients, loss_value,
                                         self._bookkeeping.meta_state, self._meta_config())
         if outcome == meta.COMMITTED:
@@ -1218,36 +1042,6 @@ class OHO(Optimizer):
             hyper_groups.variable_name(self.param_groups, index, name): value for index, name, value in hypergradients
         }
 
-    def _device_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor) -> None:
-        """The meta-update on the device (:class:`ohotorch.meta.DeviceMeta`); its result reaches
-        ``param_groups`` at the start of the second step after this one (see :meth:`hyper_step`)."""
-        entries = [(index, name) for index, name, _ in flat]
-        device_meta = self._device_meta_for(entries, loss_sum.device)
-        self._restart_outside_writes()
-        generations = list(device_meta.generation)
-        packed = device_meta.update(torch.stack([h.detach().double() for _, _, h in flat]), loss_sum)
-        n = len(entries)
-
-        def consume(values: List[float]) -> None:
-            finite_input, committed = values[-2] == 1.0, values[-1] == 1.0
-            outcome = (meta.COMMITTED if committed else
-                       meta.NONFINITE_RESULT if finite_input else meta.NONFINITE_HYPERGRADIENT)
-            hypergradients = [(index, name, h) for (index, name), h in zip(entries, values[4 * n:5 * n])]
-            self._report_hyper_step(outcome, hypergradients, values[5 * n])
-
-        def apply(values: List[float]) -> None:
-            if values[-1] != 1.0:
-                return
-            for i, (index, name) in enumerate(entries):
-                if device_meta.generation[i] != generations[i] or self.__dict__.get("_device_meta") is not device_meta:
-                    continue  # set from outside after this hyper-step: the outside value stands
-                theta, m, v, t = values[i], values[n + i], values[2 * n + i], values[3 * n + i]
-                self.param_groups[index][name] = theta
-                device_meta.written[i] = theta
-                self._bookkeeping.meta_state[f"{index}/{name}"] = {"m": m, "v": v, "t": t, "written": theta}
-            self._publish_hyperparameters()
-
-        self._deferred().add(Record(self._bookkeeping.steps, Readback(packed), consume, apply))
 
     def _meta_config(self) -> meta.MetaConfig:
         return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
@@ -1272,7 +1066,7 @@ class OHO(Optimizer):
     @property
     def counters(self) -> Dict[str, int]:
         """Steps, hyper-steps, and how often a non-finite value was refused."""
-        self._report_deferred()
+        sync_free.report(self)
         book = self._bookkeeping
         return {"steps": book.steps, "hyper_steps": book.hyper_steps,
                 "nonfinite_hypergradients": book.nonfinite_hypergradients,
@@ -1281,11 +1075,11 @@ class OHO(Optimizer):
     @property
     def _oho(self) -> Dict[str, Any]:
         """The bookkeeping as saved under ``state_dict()["oho"]`` (a copy; read-only view for tools)."""
-        self._settle()
+        sync_free.settle(self)
         return self._bookkeeping.to_state()
 
     def state_dict(self) -> Dict[str, Any]:
-        self._settle()  # every deferred result reaches param_groups and the meta state first
+        sync_free.settle(self)  # every deferred result reaches param_groups and the meta state first
         state_dict = super().state_dict()
         state_dict["oho"] = {**self._bookkeeping.to_state(), "optimizer": type(self).__name__}
         if self._losses():
@@ -1321,7 +1115,7 @@ class OHO(Optimizer):
         self._refuse_other_family(state_dict, saved_bookkeeping)
         saved_losses = (saved_bookkeeping or {}).get("loss_hyperparameters")
         self._losses().check_state(saved_losses, (saved_bookkeeping or {}).get("keys"))
-        self._drop_device_meta()
+        sync_free.forget(self)
         if saved_bookkeeping is not None:
             saved_bookkeeping = {k: v for k, v in saved_bookkeeping.items()
                                  if k not in ("optimizer", "loss_hyperparameters")}
