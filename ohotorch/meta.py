@@ -91,9 +91,10 @@ DEFAULT_META_LR: Dict[Tuple[str, str], float] = {("adam", "log"): 0.02}
 # The meta-Adam gradient is clipped to +-max(META_CLIP * sqrt(v_hat), sqrt(META_V_GROWTH * v / (1 - beta2)))
 # of the previous step (module docstring): never tighter than META_CLIP standard deviations, and once Adam's
 # average holds many steps, only values that would raise v by more than META_V_GROWTH (40%) at once. Any
-# clip costs some signal: on digits (benchmarks/digits.py, oho_global, 3 seeds) the test loss is 0.136
-# unclipped, 0.155 with a fixed 5 sigma and 0.151 with this bound, which still stops one outlier batch
-# from freezing tuning (tests/test_reliability.py). Telling an outlier from early growth is open work.
+# clip costs some signal: on digits (benchmarks/digits.py, oho_global, 3 seeds) the test loss is 0.151
+# with this bound (0.136 unclipped, 0.155 with a fixed 5 sigma, in one-off checks), which still stops one
+# outlier batch from freezing tuning (tests/test_reliability.py). Telling an outlier from early growth is
+# open work.
 META_CLIP = 5.0
 META_V_GROWTH = 0.4
 
