@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -175,20 +175,27 @@ class SGDRule:
         return SGDWork(params=params, states=states, momentum_buffers=buffers, first_step=first_step,
                        direction=direction, previous_buffers=previous, foreach=foreach)
 
-    def update_tangent(self, group: Group, work: SGDWork, index: int, key: TangentKey, direct: bool,
-                       hvp: Optional[List[Tensor]]) -> None:
-        uses_buffer = self.uses_buffer(group)
-        name = key[1]
-        # Parameters whose momentum buffer was created this step follow b'_1 = d'_1.
+    @staticmethod
+    def _by_first_step(work: SGDWork, index: int, uses_buffer: bool
+                       ) -> Iterator[Tuple[bool, List[int], List[Tensor], Optional[List[Tensor]]]]:
+        """The parameters whose momentum buffer was created this step (they follow b'_1 = d'_1), then the
+        others: (first_step, their indices, their w'_index, their b'_index or None)."""
         for first_step in (True, False):
             chosen = [i for i, f in enumerate(work.first_step) if f == first_step]
             if not chosen:
                 continue
             states = [work.states[i] for i in chosen]
             keeps_tangent_b = uses_buffer and "tangent_b" in states[0]
+            yield (first_step, chosen, [tangent_slice(s["tangent_w"], index) for s in states],
+                   [tangent_slice(s["tangent_b"], index) for s in states] if keeps_tangent_b else None)
+
+    def update_tangent(self, group: Group, work: SGDWork, index: int, key: TangentKey, direct: bool,
+                       hvp: Optional[List[Tensor]]) -> None:
+        uses_buffer = self.uses_buffer(group)
+        name = key[1]
+        for first_step, chosen, tangent_w, tangent_b in self._by_first_step(work, index, uses_buffer):
             sgd_tangent_update_(
-                [tangent_slice(s["tangent_w"], index) for s in states],
-                [tangent_slice(s["tangent_b"], index) for s in states] if keeps_tangent_b else None,
+                tangent_w, tangent_b,
                 None if hvp is None else [as_dtype(hvp[i], work.states[i]["tangent_w"].dtype) for i in chosen],
                 [work.params[i] for i in chosen],
                 [work.momentum_buffers[i] for i in chosen] if uses_buffer else None,  # type: ignore[misc]
@@ -212,15 +219,9 @@ class SGDRule:
     def add_direct_terms(self, group: Group, work: SGDWork, index: int, key: TangentKey) -> None:
         uses_buffer = self.uses_buffer(group)
         name = key[1]
-        for first_step in (True, False):
-            chosen = [i for i, f in enumerate(work.first_step) if f == first_step]
-            if not chosen:
-                continue
-            states = [work.states[i] for i in chosen]
-            keeps_tangent_b = uses_buffer and "tangent_b" in states[0]
+        for first_step, chosen, tangent_w, tangent_b in self._by_first_step(work, index, uses_buffer):
             sgd_direct_terms_(
-                [tangent_slice(s["tangent_w"], index) for s in states],
-                [tangent_slice(s["tangent_b"], index) for s in states] if keeps_tangent_b else None,
+                tangent_w, tangent_b,
                 [work.params[i] for i in chosen],
                 [work.momentum_buffers[i] for i in chosen] if uses_buffer else None,  # type: ignore[misc]
                 [work.previous_buffers[i] for i in chosen],
