@@ -12,9 +12,10 @@ task, a character-level transformer LM trained with AdamW) it runs, with 3 seeds
   library's defaults (``oho``) and named variants: ``oho_d09`` (discount 0.9), ``oho_full`` (discount 1,
   the full RTRL horizon), ``oho_paper`` (SGD tasks: full horizon, raw-space SGD meta-update, meta_lr
   1e-4). ``--oho-variant NAME='{"discount": 1.0, ...}'`` adds a method ``oho_NAME`` with those OHO
-  keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Two keys are
-  read by the training loop instead of OHO: ``hyper_every`` (a hyper-step every k steps) and
-  ``val_batches`` (the validation loss of each hyper-step averaged over that many batches).
+  keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Three keys are
+  read by the benchmark instead of OHO: ``hyper_every`` (a hyper-step every k steps), ``val_batches``
+  (the validation loss of each hyper-step averaged over that many batches) and ``schedule``
+  (``"cosine"``: a CosineAnnealingLR over the run drives ``lr`` while OHO tunes ``lr_scale``).
 
 Each run is one task in a process pool (``--workers``, default every core; one torch thread each).
 The results file holds the configuration, versions, device, and every run with its final test loss,
@@ -66,7 +67,10 @@ OHO_VARIANTS: Dict[str, Dict[str, Any]] = {
     "oho_paper": {"discount": 1.0, "meta_optimizer": "sgd", "space": "raw", "meta_lr": 1e-4},
 }
 SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for SGD's lr scale
-LOOP_KEYS = ("hyper_every", "val_batches")  # variant keys read by the training loop, not by OHO
+# variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
+# and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
+# multiplier lr_scale, and weight decay when the task starts it above 0)
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -89,8 +93,9 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def build_optimizer(method: str, model: nn.Module, task: suite_tasks.Task, lr: Optional[float],
-                    oho_kwargs: Dict[str, Any]) -> Tuple[torch.optim.Optimizer, Any]:
-    """The optimizer and per-step lr scheduler (or None) of one method."""
+                    oho_kwargs: Dict[str, Any], schedule: Optional[str] = None) -> Tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and per-step lr scheduler (or None) of one method (``schedule="cosine"``: OHO tunes
+    ``lr_scale`` under a cosine schedule of ``lr``)."""
     params = list(model.parameters())
     total = task.steps
     cosine = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)  # noqa: E731
@@ -119,11 +124,16 @@ def build_optimizer(method: str, model: nn.Module, task: suite_tasks.Task, lr: O
     if method.startswith("oho"):
         ohotorch = common.import_ohotorch()
         module = model if _has_batchnorm(model) else None
+        if schedule not in (None, "cosine"):
+            raise ValueError(f"Unknown schedule {schedule!r} (known: 'cosine')")
+        if schedule == "cosine" and "tune" not in oho_kwargs:
+            oho_kwargs = {**oho_kwargs, "tune": ("lr_scale", "weight_decay") if task.weight_decay > 0 else ("lr_scale",)}
         if task.family == "adamw":
-            return ohotorch.OHOAdamW(params, lr=lr, weight_decay=task.weight_decay, module=module,
-                                     **oho_kwargs), None
-        return ohotorch.OHO(params, lr=lr, momentum=task.momentum, weight_decay=task.weight_decay, module=module,
-                            **oho_kwargs), None
+            opt = ohotorch.OHOAdamW(params, lr=lr, weight_decay=task.weight_decay, module=module, **oho_kwargs)
+        else:
+            opt = ohotorch.OHO(params, lr=lr, momentum=task.momentum, weight_decay=task.weight_decay, module=module,
+                               **oho_kwargs)
+        return opt, cosine(opt) if schedule == "cosine" else None
     raise ValueError(f"Unknown method {method!r}")
 
 
@@ -185,10 +195,11 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     kwargs = dict(spec.get("oho_kwargs") or {})
     hyper_every = int(kwargs.pop("hyper_every", 1))
     val_batches = int(kwargs.pop("val_batches", 1))
+    schedule = kwargs.pop("schedule", None)
     torch.manual_seed(seed)
     model = task.model_fn()
     model.train()
-    opt, scheduler = build_optimizer(method, model, task, spec["lr"], kwargs)
+    opt, scheduler = build_optimizer(method, model, task, spec["lr"], kwargs, schedule)
     is_oho = method.startswith("oho")
     schedule_free = method.startswith("sf_")
     train, val = task.train_stream(seed), task.val_stream(seed)
