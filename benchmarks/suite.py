@@ -34,6 +34,7 @@ median over its three initial lrs against both, and pass / fail for each goal. F
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures as futures
 import fnmatch
 import json
@@ -70,7 +71,7 @@ SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for S
 # variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
 # and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
 # multiplier lr_scale, and weight decay when the task starts it above 0)
-LOOP_KEYS = ("hyper_every", "val_batches", "schedule")
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "average", "average_target")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -196,12 +197,19 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     hyper_every = int(kwargs.pop("hyper_every", 1))
     val_batches = int(kwargs.pop("val_batches", 1))
     schedule = kwargs.pop("schedule", None)
+    average = kwargs.pop("average", None)
+    average_target = bool(kwargs.pop("average_target", True))
     torch.manual_seed(seed)
     model = task.model_fn()
     model.train()
     opt, scheduler = build_optimizer(method, model, task, spec["lr"], kwargs, schedule)
     is_oho = method.startswith("oho")
     schedule_free = method.startswith("sf_")
+    averaged = None
+    if is_oho and average is not None:
+        from averaged_target import AveragedTarget
+
+        averaged = AveragedTarget(opt, power=float(average))
     train, val = task.train_stream(seed), task.val_stream(seed)
     steps = task.steps
     eval_at = {max(1, round(steps * k / task.evals)) for k in range(1, task.evals + 1)}
@@ -213,14 +221,20 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     evals: Dict[str, List[Any]] = {"step": [], "wall_time": [], "val_loss": [], "test_loss": [], "test_acc": []}
 
     def evaluate(step: int, wall: float) -> None:
-        if schedule_free:
-            opt.eval()
-            if step > 0 and _has_batchnorm(model):  # the averaged weights need their own BN statistics
+        swap = averaged.swap() if averaged is not None else contextlib.nullcontext()
+        with swap:
+            if schedule_free:
+                opt.eval()
+            if step > 0 and _has_batchnorm(model) and (schedule_free or averaged is not None):
+                # the averaged weights need their own BN statistics
+                saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
                 with torch.no_grad():
                     calib = task.train_stream(seed + 7919)
                     for _ in range(20):
                         model(next(calib)[0])
-        val_metrics, test_metrics = task.evaluate(model, "val"), task.evaluate(model, "test")
+            val_metrics, test_metrics = task.evaluate(model, "val"), task.evaluate(model, "test")
+            if averaged is not None and step > 0 and _has_batchnorm(model):
+                model.load_state_dict(saved, strict=False)
         if schedule_free:
             opt.train()
         evals["step"].append(step)
@@ -240,9 +254,12 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     for step in range(1, steps + 1):
         x, y = next(train)
         loss = float(opt.step(_closure(opt, task, model, [(x, y)])))
+        if averaged is not None:
+            averaged.after_step()
         if is_oho and (step - 1) % hyper_every == 0:
             batches = [next(val) for _ in range(val_batches)]
-            opt.hyper_step(_closure(opt, task, model, batches))
+            (averaged if averaged is not None and average_target else opt).hyper_step(
+                _closure(opt, task, model, batches))
             value = getattr(opt, "diagnostics", {}).get("val_loss")
             if value is not None:
                 val_window += float(value)
