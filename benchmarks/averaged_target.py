@@ -31,9 +31,10 @@ from torch import Tensor
 class AveragedTarget:
     """Average the iterates of ``opt`` and tune its hyperparameters for the average's validation loss."""
 
-    def __init__(self, opt: torch.optim.Optimizer, power: float = 3.0) -> None:
+    def __init__(self, opt: torch.optim.Optimizer, power: float = 3.0, min_weight: float = 0.0) -> None:
         self.opt = opt
         self.power = float(power)
+        self.min_weight = float(min_weight)  # a_t >= min_weight: the window never exceeds ~1/min_weight steps
         self.params: List[Tensor] = [p for g in opt.param_groups for p in g["params"]]
         self.avg: List[Tensor] = [p.detach().clone() for p in self.params]
         self.avg_tangent: Dict[int, Tensor] = {}
@@ -44,7 +45,7 @@ class AveragedTarget:
         """Fold the new iterate and its tangents into the averages (call after every ``opt.step``)."""
         self.t += 1
         a = (1.0 + self.power) / (self.t + self.power)
-        a = min(1.0, a)
+        a = min(1.0, max(a, self.min_weight))
         for p, m in zip(self.params, self.avg):
             m.lerp_(p.detach(), a)
             tangent = self.opt.state.get(p, {}).get("tangent_w")

@@ -71,7 +71,7 @@ SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for S
 # variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
 # and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
 # multiplier lr_scale, and weight decay when the task starts it above 0)
-LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "average", "average_target")
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "average", "average_target", "average_min")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -199,6 +199,7 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     schedule = kwargs.pop("schedule", None)
     average = kwargs.pop("average", None)
     average_target = bool(kwargs.pop("average_target", True))
+    average_min = float(kwargs.pop("average_min", 0.0))
     torch.manual_seed(seed)
     model = task.model_fn()
     model.train()
@@ -209,7 +210,7 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     if is_oho and average is not None:
         from averaged_target import AveragedTarget
 
-        averaged = AveragedTarget(opt, power=float(average))
+        averaged = AveragedTarget(opt, power=float(average), min_weight=average_min)
     train, val = task.train_stream(seed), task.val_stream(seed)
     steps = task.steps
     eval_at = {max(1, round(steps * k / task.evals)) for k in range(1, task.evals + 1)}
