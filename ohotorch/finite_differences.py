@@ -30,8 +30,8 @@ from typing import Any, Callable, ContextManager, Iterable, List, Optional, Sequ
 import torch
 from torch import Tensor
 
-__all__ = ["RNGSnapshot", "BufferSnapshot", "GradSnapshot", "StepRollback", "ClosureIsolation", "fd_hvp",
-           "check_loss", "clone_all", "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
+__all__ = ["RNGSnapshot", "BufferSnapshot", "module_buffers", "GradSnapshot", "StepRollback", "ClosureIsolation",
+           "fd_hvp", "check_loss", "clone_all", "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
 
 
 # The relative step for closures that compute in a 16-bit format (bf16 autocast), measured rather than
@@ -110,6 +110,43 @@ class BufferSnapshot:
         if self.targets:
             with torch.no_grad():
                 torch._foreach_copy_(self.targets, self.values)
+
+
+def module_buffers(module: torch.nn.Module) -> List[Tensor]:
+    """``list(module.buffers())``: the same tensors in the same order, by a direct walk of the module tree.
+
+    ``Module.buffers()`` goes through generator chains (``named_modules``, ``_named_members``) that cost
+    several microseconds per submodule, and the optimizer lists the buffers up to three times a step.
+    A module class that overrides how its members are listed gets ``module.buffers()`` itself.
+    """
+    root = type(module)
+    if (root.buffers is not _MODULE_BUFFERS or root.named_buffers is not _MODULE_NAMED_BUFFERS
+            or root._named_members is not _MODULE_NAMED_MEMBERS):
+        return list(module.buffers())
+    modules: set = set()
+    seen: set = set()
+    found: List[Tensor] = []
+
+    def walk(m: torch.nn.Module) -> bool:  # named_modules' pre-order, each module once
+        if type(m).named_modules is not _MODULE_NAMED_MODULES:
+            return False
+        modules.add(id(m))
+        for b in m._buffers.values():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                found.append(b)
+        for child in m._modules.values():
+            if child is not None and id(child) not in modules and not walk(child):
+                return False
+        return True
+
+    return found if walk(module) else list(module.buffers())
+
+
+_MODULE_BUFFERS = torch.nn.Module.buffers
+_MODULE_NAMED_BUFFERS = torch.nn.Module.named_buffers
+_MODULE_NAMED_MEMBERS = torch.nn.Module._named_members
+_MODULE_NAMED_MODULES = torch.nn.Module.named_modules
 
 
 class GradSnapshot:

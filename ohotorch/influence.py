@@ -21,11 +21,11 @@ param groups of its hyper group where several share one, :func:`ohotorch.hyper_g
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import hyper_groups, meta
 
@@ -37,10 +37,41 @@ TangentKey = Tuple[Optional[int], str]
 _TANGENT_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
+class _PerTensorCache:
+    """Values derived from a tensor, keyed by the tensor's identity, dropped when the tensor dies.
+
+    A plain dict by ``id`` with a weak reference to check the key: a lookup is one dict access and one
+    call (``torch.utils.weak.WeakIdKeyDictionary`` builds a reference object per lookup, several hundred
+    times a step).
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[int, Tuple[Any, Any]] = {}
+
+    def get(self, t: Tensor) -> Any:
+        entry = self._entries.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        return None
+
+    def put(self, t: Tensor, value: Any) -> None:
+        key, entries = id(t), self._entries
+
+        def forget(ref: Any) -> None:  # the tensor died: drop its entry unless the id was reused since
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(t, forget), value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # tangent tensor -> its K slices, made once: indexing t[k] is one dispatched op per parameter and
 # tangent, several times a step (norms, perturbations, updates). The slices alias the tensor's storage
 # without holding the tensor itself (set_, no autograd view), so an entry dies with its tensor.
-_SLICES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_SLICES = _PerTensorCache()
 
 
 def tangent_slices(t: Tensor) -> Tuple[Tensor, ...]:
@@ -51,11 +82,11 @@ def tangent_slices(t: Tensor) -> Tuple[Tensor, ...]:
             stride, offset = t.stride(), t.storage_offset()
             slices = tuple(torch.empty(0, dtype=t.dtype, device=t.device).set_(
                 t.untyped_storage(), offset + k * stride[0], t.shape[1:], stride[1:]) for k in range(t.shape[0]))
-        _SLICES[t] = slices
+        _SLICES.put(t, slices)
     return slices
 
 
-_FLAT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_FLAT = _PerTensorCache()
 
 
 def tangent_matrix(t: Tensor) -> Tensor:
@@ -67,7 +98,7 @@ def tangent_matrix(t: Tensor) -> Tensor:
         with torch.no_grad():
             flat = torch.empty(0, dtype=t.dtype, device=t.device).set_(
                 t.untyped_storage(), t.storage_offset(), (t.shape[0], t[0].numel()), (t[0].numel(), 1))
-        _FLAT[t] = flat
+        _FLAT.put(t, flat)
     return flat
 
 

@@ -63,7 +63,7 @@ from torch.optim import Optimizer
 from . import growth_cap, hyper_groups, influence, meta, sync_free, usage
 from .compat import check_torch_arguments
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
-                                 perturbation_scale, relative_step)
+                                 module_buffers, perturbation_scale, relative_step)
 from .influence import TangentKey
 from .loss_hyperparameters import LossHyperparameter, LossHyperparameters
 from .hyper_groups import DEFAULT_TUNE, DefaultTune
@@ -490,7 +490,7 @@ class OHO(Optimizer):
         if self.module is None:
             return None
         storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
-        return BufferSnapshot(self.module.buffers(), storage)
+        return BufferSnapshot(module_buffers(self.module), storage)
 
     def _tuning(self) -> bool:
         return any(group["tune"] for group in self.param_groups) or bool(self._losses())

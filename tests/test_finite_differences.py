@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ohotorch.finite_differences import (LOW_PRECISION_STEP, BufferSnapshot, ClosureIsolation, GradSnapshot,
-                                         StepRollback, check_loss, fd_hvp, perturbation_scale, relative_step)
+                                         StepRollback, check_loss, fd_hvp, module_buffers, perturbation_scale,
+                                         relative_step)
 
 
 def test_relative_step_and_scale():
@@ -281,3 +282,31 @@ def test_starts_are_the_saved_values_only_where_the_closure_kept_the_gradient():
     loss_fn().backward()
     starts = snapshot.starts()
     assert starts[0] is snapshot.values[0] and starts[1:] == [None] * (len(params) - 1)
+
+
+class _ListsItsOwnBuffers(nn.Module):
+    """A module class that overrides how its members are listed: module_buffers must defer to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shown", torch.zeros(2))
+        self.register_buffer("hidden", torch.ones(2))
+
+    def named_buffers(self, *args, **kwargs):  # type: ignore[override]
+        return iter([("shown", self.shown)])
+
+
+def test_module_buffers_lists_what_module_buffers_lists():
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(2, 3), shared, nn.Sequential(shared, nn.BatchNorm1d(3)), nn.ReLU())
+    model.register_buffer("none", None)
+    model[0].register_buffer("tied", shared.running_mean)  # one tensor under two names: listed once
+    model.add_module("empty", None)
+    expected = list(model.buffers())
+    assert len(expected) == 6
+    found = module_buffers(model)
+    assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))
+    inner = nn.Sequential(nn.BatchNorm1d(2), _ListsItsOwnBuffers())
+    assert [id(b) for b in module_buffers(inner)] == [id(b) for b in inner.buffers()]
+    own = _ListsItsOwnBuffers()
+    assert [id(b) for b in module_buffers(own)] == [id(own.shown)]

@@ -101,3 +101,20 @@ def test_contraction_without_gradients_is_zero():
     keys = influence.tangent_keys(groups, influence="blockwise", discount=1.0)
     hyper = influence.contract(groups, {}, keys, {})
     assert float(hyper[0]["lr"]) == 0.0 and float(hyper[1]["lr"]) == 0.0
+
+
+def test_slice_cache_follows_the_tensor_and_forgets_it():
+    t = torch.arange(12.0).reshape(3, 2, 2)
+    slices = influence.tangent_slices(t)
+    assert influence.tangent_slices(t) is slices  # made once
+    assert all(torch.equal(s, t[k]) and s.data_ptr() == t[k].data_ptr() for k, s in enumerate(slices))
+    assert torch.equal(influence.tangent_matrix(t), t.reshape(3, -1))
+    t.set_(torch.zeros(3, 2, 2))  # new memory: the slices are remade
+    assert influence.tangent_slice(t, 1).data_ptr() == t[1].data_ptr()
+    assert influence.tangent_matrix(t).data_ptr() == t.data_ptr()
+    before = len(influence._SLICES)
+    u = torch.ones(2, 3)
+    influence.tangent_slices(u)
+    assert len(influence._SLICES) == before + 1
+    del u  # the entry dies with its tensor
+    assert len(influence._SLICES) == before
