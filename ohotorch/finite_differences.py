@@ -156,14 +156,15 @@ class GradSnapshot:
     the saved values into them, so that a closure that zeroed them in place (``zero_grad(set_to_none=False)``),
     accumulated into them, or a DDP bucket view that a backward rewrote, read bit for bit as on capture.
     Without ``values`` it is free, and exact whenever the closure replaced the gradients (``zero_grad()``'s
-    default ``set_to_none=True``) instead of writing into them.
+    default ``set_to_none=True``) instead of writing into them. ``storage`` lends the copies memory kept
+    between steps, as :class:`BufferSnapshot`'s (no allocation per step; the copies are never handed out).
     """
 
-    def __init__(self, params: Sequence[Tensor], *, values: bool) -> None:
+    def __init__(self, params: Sequence[Tensor], *, values: bool, storage: Optional[List[Tensor]] = None) -> None:
         self.params = list(params)
         self.grads = [p.grad for p in self.params]
         present = [g for g in self.grads if g is not None]
-        copies = iter(clone_all(present) if values else [])
+        copies = iter(BufferSnapshot(present, storage).values if values else [])
         self.values: Optional[List[Optional[Tensor]]] = (
             [next(copies) if g is not None else None for g in self.grads] if values else None)
 
@@ -196,8 +197,9 @@ class StepRollback:
     The RNG and buffers double as the ``replay`` of :class:`ClosureIsolation`.
     """
 
-    def __init__(self, params: Sequence[Tensor], *, grad_values: bool, buffers: Optional[BufferSnapshot]) -> None:
-        self.grads = GradSnapshot(params, values=grad_values)
+    def __init__(self, params: Sequence[Tensor], *, grad_values: bool, buffers: Optional[BufferSnapshot],
+                 grad_storage: Optional[List[Tensor]] = None) -> None:
+        self.grads = GradSnapshot(params, values=grad_values, storage=grad_storage)
         self.rng = RNGSnapshot().capture()
         self.buffers = buffers
 
@@ -283,33 +285,44 @@ class ClosureIsolation:
         self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None and g.numel() > 0}
         self.rng = RNGSnapshot().capture()
         self.weight_copies = BufferSnapshot(self.weights, self.weight_storage).values
+        # Whether the weights may differ from their copies: set before anything can write them
+        # (perturb_, a closure evaluation), cleared by restore_weights. While clean, the weights hold
+        # their entry values bit for bit, so copying them back would write the same bits: skipped.
+        self.weights_moved = False
         return self
 
     def perturb_(self, direction: Sequence[Tensor], scale: Union[float, Tensor]) -> None:
         """Set ``weights`` to their entry values plus ``scale * direction`` (``scale`` a float, or a 0-d
         tensor on the weights' device: then nothing is read on the host)."""
+        restore = self.weights_moved  # clean: the weights are their entry values already
+        self.weights_moved = True
         if isinstance(scale, Tensor):
             if self.foreach:
-                torch._foreach_copy_(self.weights, self.weight_copies)
+                if restore:
+                    torch._foreach_copy_(self.weights, self.weight_copies)
                 torch._foreach_add_(self.weights, torch._foreach_mul(list(direction), scale))
             else:
                 for w, copy, v in zip(self.weights, self.weight_copies, direction):
-                    w.copy_(copy).add_(v * scale)
+                    (w.copy_(copy) if restore else w).add_(v * scale)
             return
         if self.foreach:
-            torch._foreach_copy_(self.weights, self.weight_copies)
+            if restore:
+                torch._foreach_copy_(self.weights, self.weight_copies)
             torch._foreach_add_(self.weights, list(direction), alpha=scale)
         else:
             for w, copy, v in zip(self.weights, self.weight_copies, direction):
-                w.copy_(copy).add_(v, alpha=scale)
+                (w.copy_(copy) if restore else w).add_(v, alpha=scale)
 
     def restore_weights(self) -> None:
-        """Copy the entry values back into ``weights``."""
+        """Copy the entry values back into ``weights`` (nothing to do while they have not moved)."""
+        if not self.weights_moved:
+            return
         if self.foreach and self.weights:
             torch._foreach_copy_(self.weights, self.weight_copies)
         else:
             for w, copy in zip(self.weights, self.weight_copies):
                 w.copy_(copy)
+        self.weights_moved = False
 
     def evaluate(self, closure: Callable[[], Any], what: str) -> Tuple[Any, List[Optional[Tensor]]]:
         """Run ``closure`` from cleared gradients (or copies of ``start``); returns its loss and the
@@ -331,6 +344,8 @@ class ClosureIsolation:
             copies = iter(clone_all(present))
             for p, g in zip(self.params, self.start):
                 p.grad = next(copies) if g is not None else None
+        if self.weights:
+            self.weights_moved = True  # a closure may write them (an in-place constraint, say)
         with torch.enable_grad():
             loss = closure()
         check_loss(loss, what)

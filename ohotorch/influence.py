@@ -223,13 +223,16 @@ def contract(
     for group_index, group in enumerate(param_groups):
         for p in group["params"]:
             grad = val_grads.get(id(p))
+            if grad is None:
+                continue
             tangents = state.get(p, {}).get("tangent_w")
-            if grad is None or tangents is None:
+            if tangents is None:
                 continue
             if tangents.is_complex():  # the real dot product of the (re, im) pairs
                 tangents, grad = torch.view_as_real(tangents), torch.view_as_real(as_dtype(grad, tangents.dtype))
             flat_grad = as_dtype(grad, tangents.dtype)
-            flat_grad = flat_grad.view(-1) if flat_grad.is_contiguous() else flat_grad.reshape(-1)
+            if flat_grad.dim() != 1:  # a vector already needs no view
+                flat_grad = flat_grad.view(-1) if flat_grad.is_contiguous() else flat_grad.reshape(-1)
             contributions[group_index].append(torch.mv(tangent_matrix(tangents), flat_grad))
     reference = next((c[0] for c in contributions if c), None)
     if reference is None:

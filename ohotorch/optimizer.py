@@ -147,7 +147,8 @@ class OHO(Optimizer):
     run, a copy of the weights, a copy of the gradients on entry (for the rollback, and the start of
     every re-evaluation), the K HVPs (all computed before anything is committed), one discounted
     tangent, and a backup of the training gradient where it is a view into a larger buffer (DDP's
-    ``gradient_as_bucket_view``).
+    ``gradient_as_bucket_view``). The copies of the weights and gradients keep their memory between
+    steps (no allocation per step), as do those of the module's buffers.
 
     **Drop-in change** to an SGD loop::
 
@@ -485,12 +486,15 @@ class OHO(Optimizer):
                 )
 
     # ------------------------------------------------------------------ small helpers
+    def _storage(self, slot: str) -> List[Tensor]:
+        """The memory a per-step copy (buffers, weights, gradients) reuses, kept per ``slot`` between steps."""
+        return self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
+
     def _snapshot(self, slot: str) -> Optional[BufferSnapshot]:
         """The module's buffers now, in memory kept per ``slot`` (none allocated after the first step)."""
         if self.module is None:
             return None
-        storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
-        return BufferSnapshot(module_buffers(self.module), storage)
+        return BufferSnapshot(module_buffers(self.module), self._storage(slot))
 
     def _tuning(self) -> bool:
         return any(group["tune"] for group in self.param_groups) or bool(self._losses())
@@ -606,7 +610,8 @@ class OHO(Optimizer):
         # (2) Every closure evaluation: the training one, whose gradients, RNG and buffers every HVP
         # evaluation starts from, then the HVPs. Nothing of the user's or the optimizer's changes until all
         # of them succeeded; on any exception, what the evaluations changed is put back.
-        rollback = StepRollback(self._all_params(), grad_values=bool(nonzero), buffers=self._snapshot("before"))
+        rollback = StepRollback(self._all_params(), grad_values=bool(nonzero), buffers=self._snapshot("before"),
+                                grad_storage=self._storage("grads"))
         finite = True
         hvps: Dict[int, Optional[List[Tensor]]] = {}
         try:
@@ -756,7 +761,7 @@ class OHO(Optimizer):
         or non-finite tangent has eps = 0 and reads 0, and a non-finite HVP makes its tangent non-finite,
         which the deferred norm check of a later step resets."""
         rel = self._fd_rel(active)
-        weight_storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
+        weight_storage = self._storage("weights")
         train_grads = [p.grad for p in active]
         hvps: Dict[int, Optional[List[Tensor]]] = {}
         losses = self._losses()
@@ -794,8 +799,8 @@ class OHO(Optimizer):
     def _discounted_tangent(self, active: List[Tensor], tangent_index: int) -> List[Tensor]:
         """gamma w'_k in the parameters' dtypes (zero for a parameter without a tangent yet), the stored
         tangent untouched: the same values the commit's in-place discount gives it."""
-        stored = [influence.tangent_slice(self.state[p]["tangent_w"], tangent_index)
-                  if "tangent_w" in self.state.get(p, {}) else None for p in active]
+        tangents = [self.state.get(p, {}).get("tangent_w") for p in active]
+        stored = [None if t is None else influence.tangent_slice(t, tangent_index) for t in tangents]
         if self.discount < 1.0:
             present = [t for t in stored if t is not None]
             scaled = iter(torch._foreach_mul(present, self.discount) if present else [])

@@ -310,3 +310,57 @@ def test_module_buffers_lists_what_module_buffers_lists():
     assert [id(b) for b in module_buffers(inner)] == [id(b) for b in inner.buffers()]
     own = _ListsItsOwnBuffers()
     assert [id(b) for b in module_buffers(own)] == [id(own.shown)]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_weights_are_copied_back_only_after_they_moved(foreach, monkeypatch):
+    """K HVPs in one isolation copy the weights back only after they moved: not before the first
+    perturbation of each HVP, nor again on exit; the results are those of a fresh isolation per HVP, bit
+    for bit, and a closure that writes the weights itself still leaves them restored."""
+    model, params, _, closure = _setup()
+    model.eval()
+    with torch.enable_grad():
+        closure()
+    train_grads = [p.grad for p in params]
+    weights = [p.detach().clone() for p in params]
+    vs = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    separate = []
+    for v in vs:
+        with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+            separate.append(fd_hvp(isolation, closure, v, train_grads, eps=1e-4, scheme="central"))
+    copies = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src, **kw: (copies.append(len(dst)), real_copy(dst, src, **kw)))
+    with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+        together = [fd_hvp(isolation, closure, v, train_grads, eps=1e-4, scheme="central") for v in vs]
+    assert all(torch.equal(a, b) for one, other in zip(separate, together) for a, b in zip(one, other))
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+    if foreach:  # the snapshot, then per central HVP: before the second perturbation, after the evaluations
+        assert copies == [len(params)] * (1 + 2 * len(vs))
+
+    def writes_weights():
+        loss = closure()
+        with torch.no_grad():
+            params[0].mul_(2.0)
+        return loss
+
+    with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+        isolation.evaluate(writes_weights, "closure")
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_gradient_copies_reuse_the_storage_they_are_lent():
+    model, params, loss_fn, closure = _setup()
+    closure()
+    storage = []
+    first = GradSnapshot(params, values=True, storage=storage)
+    assert len(storage) == len(params) and all(a is b for a, b in zip(first.values, storage))
+    closure()
+    grads = [p.grad for p in params]
+    values = [g.clone() for g in grads]
+    second = GradSnapshot(params, values=True, storage=storage)
+    assert all(a is b for a, b in zip(second.values, first.values))  # the same memory, no new allocation
+    for g in grads:
+        g.zero_()
+    second.restore()
+    assert all(p.grad is g and torch.equal(g, v) for p, g, v in zip(params, grads, values))
