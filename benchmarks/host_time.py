@@ -16,8 +16,9 @@ For each variant it reports, per step (an ``_h10`` variant: per step averaged ov
 * ``host_ms = step_ms - closure_ms``: the optimizer's own time, which on a GPU is host time the device
   waits through unless its queue is long;
 * ``ops``: the aten operators the optimizer dispatches outside the closures (a
-  ``TorchDispatchMode`` count, one per ``torch._foreach_*`` call), and ``kernel_ops``: those that
-  would launch a kernel on a GPU (views, ``empty``, ``set_`` and other metadata ops left out); every
+  ``TorchDispatchMode`` count, one per ``torch._foreach_*`` call), and ``cuda_launches``: the kernels
+  they would launch on CUDA (none for views, ``empty``, ``set_`` and other metadata ops; one per tensor
+  for a multi-tensor op over lists that mix dtypes or devices, which CUDA runs tensor by tensor); every
   launch costs ~5-10 us of host time on CUDA;
 * with ``--profile true``, the top functions by self time (cProfile) of one more block of steps.
 
@@ -127,17 +128,35 @@ def make_optimizer(variant: str, model: nn.Module, cfg: Config) -> torch.optim.O
     return opt
 
 
+def cuda_launches(name: str, args: Sequence[Any]) -> int:
+    """The kernels an op would launch on CUDA: none for a metadata op, one per tensor for a multi-tensor
+    (``_foreach_*``) op whose lists mix dtypes or devices (CUDA's per-tensor fallback), else one."""
+    if name in NO_KERNEL:
+        return 0
+    if not name.startswith("_foreach_"):
+        return 1
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    tensors = [t for a in lists for t in a]
+    if not tensors:
+        return 1
+    kinds = {(t.dtype, t.device) for t in tensors}
+    return 1 if len(kinds) == 1 else len(lists[0])
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while ``counting`` is true."""
+    """Counts the aten ops dispatched, and the CUDA kernels they would launch, while ``counting`` is true."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counting = True
         self.ops: Counter = Counter()
+        self.launches = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self.counting:
-            self.ops[func.overloadpacket.__name__] += 1
+            name = func.overloadpacket.__name__
+            self.ops[name] += 1
+            self.launches += cuda_launches(name, args)
         return func(*args, **(kwargs or {}))
 
 
@@ -205,14 +224,14 @@ class Runner:
             self.one_step()
         return -(-steps // self.every) * self.every
 
-    def count_ops(self) -> Tuple[Counter, int]:
+    def count_ops(self) -> Tuple[Counter, int, int]:
         steps = self.aligned(self.every)
-        self.counter = OpCounter()
-        with self.counter:
+        counter = self.counter = OpCounter()
+        with counter:
             for _ in range(steps):
                 self.one_step()
-        ops, self.counter = self.counter.ops, None
-        return ops, steps
+        self.counter = None
+        return counter.ops, counter.launches, steps
 
 
 def measure(runner: Runner, cfg: Config) -> Dict[str, Any]:
@@ -254,9 +273,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         runs = passes[variant]
         row = {key: statistics.median(r[key] for r in runs) for key in ("step_ms", "closure_ms", "host_ms")}
         row["host_ms_passes"] = [r["host_ms"] for r in runs]
-        ops, steps = runner.count_ops()
+        ops, launches, steps = runner.count_ops()
         row["ops"] = sum(ops.values()) / steps
-        row["kernel_ops"] = sum(n for name, n in ops.items() if name not in NO_KERNEL) / steps
+        row["cuda_launches"] = launches / steps
         row["ops_by_name"] = {name: n / steps for name, n in ops.most_common()}
         if cfg.profile:
             row["profile"] = profile(runner, cfg)
@@ -266,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(common.format_table([dict(r, variant=v) for v, r in rows.items()],
                               [("variant", "variant", "s"), ("step_ms", "step ms", ".2f"),
                                ("closure_ms", "closure ms", ".2f"), ("host_ms", "host ms", ".2f"),
-                               ("ops", "ops", ".0f"), ("kernel_ops", "kernel ops", ".0f")]))
+                               ("ops", "ops", ".0f"), ("cuda_launches", "CUDA launches", ".0f")]))
     if cfg.profile:
         for variant, row in rows.items():
             print(f"\n{variant}: top self time per step")

@@ -86,9 +86,10 @@ class BufferSnapshot:
     """Copies of a module's buffers (BatchNorm running statistics, counters), restorable in place.
 
     Restoring writes into the existing buffer tensors, so references held elsewhere stay valid. Capture
-    and restore are one multi-tensor copy each (a ResNet18 has ~180 buffers: per-tensor copies would
-    cost that many kernel launches, several times a step). ``storage``, a list the caller keeps between
-    steps, lends the copies' memory: later snapshots of the same buffers then allocate nothing.
+    and restore are one multi-tensor copy per (device, dtype) each: a ResNet18 has 60 buffers, 20 of them
+    int64 counters, and a multi-tensor op over a list of mixed dtypes falls back to one kernel per tensor
+    on CUDA, several times a step. ``storage``, a list the caller keeps between steps, lends the copies'
+    memory: later snapshots of the same buffers then allocate nothing.
     """
 
     def __init__(self, buffers: Iterable[Tensor], storage: Optional[List[Tensor]] = None) -> None:
@@ -98,18 +99,43 @@ class BufferSnapshot:
             for s, b in zip(storage, self.targets))
         if reusable:
             self.values = storage
-            if self.targets:
-                with torch.no_grad():
-                    torch._foreach_copy_(self.values, self.targets)
+            self.groups = _same_kind_groups(self.targets)
+            with torch.no_grad():
+                _copy_grouped_(self.values, self.targets, self.groups)
         else:
             self.values = clone_all(self.targets)
+            self.groups = _same_kind_groups(self.targets)
             if storage is not None:
                 storage[:] = self.values
 
     def restore(self) -> None:
-        if self.targets:
-            with torch.no_grad():
-                torch._foreach_copy_(self.targets, self.values)
+        with torch.no_grad():
+            _copy_grouped_(self.targets, self.values, self.groups)
+
+
+def _same_kind_groups(tensors: Sequence[Tensor]) -> Optional[List[List[int]]]:
+    """The positions of ``tensors`` grouped by (device, dtype), in order of first appearance; ``None``
+    when they are all of one kind (the common case: one multi-tensor op over the whole list)."""
+    if not tensors:
+        return []
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if all(t.dtype is dtype for t in tensors) and all(t.device == device for t in tensors):
+        return None
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _copy_grouped_(dst: List[Tensor], src: List[Tensor], groups: Optional[List[List[int]]]) -> None:
+    """``dst[i].copy_(src[i])`` for every i, one ``torch._foreach_copy_`` per group of
+    :func:`_same_kind_groups` (one kernel per group on CUDA, instead of one per tensor)."""
+    if groups is None:
+        torch._foreach_copy_(dst, src)
+        return
+    for group in groups:
+        torch._foreach_copy_([dst[i] for i in group], [src[i] for i in group])
 
 
 def module_buffers(module: torch.nn.Module) -> List[Tensor]:
@@ -211,11 +237,11 @@ class StepRollback:
 
 
 def clone_all(tensors: List[Tensor]) -> List[Tensor]:
-    """Detached copies of ``tensors`` in one multi-tensor copy (``torch._foreach_copy_``)."""
+    """Detached copies of ``tensors``, one multi-tensor copy (``torch._foreach_copy_``) per (device, dtype)."""
     copies = [torch.empty_like(t) for t in tensors]
     if copies:
         with torch.no_grad():
-            torch._foreach_copy_(copies, list(tensors))
+            _copy_grouped_(copies, list(tensors), _same_kind_groups(tensors))
     return copies
 
 

@@ -364,3 +364,22 @@ def test_gradient_copies_reuse_the_storage_they_are_lent():
         g.zero_()
     second.restore()
     assert all(p.grad is g and torch.equal(g, v) for p, g, v in zip(params, grads, values))
+
+
+def test_buffer_snapshot_copies_once_per_dtype(monkeypatch):
+    """Mixed float and int64 buffers (BatchNorm's counters): one multi-tensor copy per dtype, each over
+    one dtype (CUDA's multi-tensor kernels need that; a mixed list takes one kernel per tensor)."""
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    calls = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda dst, src, **kw: (calls.append({t.dtype for t in dst}), real_copy(dst, src, **kw)))
+    storage = []
+    before = [b.clone() for b in model.buffers()]
+    snapshot = BufferSnapshot(model.buffers(), storage)
+    snapshot = BufferSnapshot(model.buffers(), storage)  # reusing the storage
+    with torch.no_grad():
+        model(torch.randn(4, 3))
+    snapshot.restore()
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(model.buffers(), before))
+    assert calls == [{torch.float32}, {torch.int64}] * 3
