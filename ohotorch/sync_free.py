@@ -117,7 +117,7 @@ def tangent_scales(opt: "OHO", keys: Sequence[TangentKey]) -> Optional[Tuple[Ten
     all_norms = influence.tangent_norms_tensor(pairs, len(keys))
     norms, weight_norm = all_norms[:-1] * opt.discount, all_norms[-1]  # of gamma w': see _tangent_norms
     rel = opt._fd_rel([p for p, _ in pairs])
-    usable = torch.isfinite(norms) & (norms > 0)
+    usable = (norms > 0) & (norms < math.inf)  # finite and non-zero (a nan fails both)
     safe = torch.where(usable, norms, torch.ones_like(norms))
     reach = rel * (1.0 + weight_norm)  # eps * ||w'|| (the perturbation's norm)
     eps = torch.where(usable, reach / safe, torch.zeros_like(norms))
