@@ -513,12 +513,20 @@ class OHO(Optimizer):
         return bool(params) and all(p.is_cuda for p in params)
 
     def _state_for(self, p: Tensor, group: Dict[str, Any], n_keys: int) -> Dict[str, Any]:
-        state = self.state[p]
+        return self._states_for([p], group, n_keys)[0]
+
+    def _states_for(self, params: Sequence[Tensor], group: Dict[str, Any], n_keys: int) -> List[Dict[str, Any]]:
+        """The state of each of ``params`` (of ``group``), with its tangents created where missing."""
+        states = [self.state[p] for p in params]
+        if not n_keys:
+            return states
         # The greedy horizon never reads b' (or m', v') after the step that wrote them: not kept.
         # (A loss hyperparameter's tangent is updated with its direct term even then: companions kept.)
         companions = self._rule.companions(group) if self.discount > 0.0 or self._losses() else ()
-        influence.ensure_tangents(state, p, n_keys, companions)
-        return state
+        for p, state in zip(params, states):
+            if "tangent_w" not in state or any(name not in state for name in companions):
+                influence.ensure_tangents(state, p, n_keys, companions)
+        return states
 
     def _all_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -656,7 +664,7 @@ class OHO(Optimizer):
             if not params:
                 works.append(None)
                 continue
-            states = [self._state_for(p, group, len(keys)) for p in params]
+            states = self._states_for(params, group, len(keys))
             works.append(self._rule.prepare(group, params, states, foreach))
         if tuning and from_zero:  # the loss hyperparameters' tangents are advanced with an HVP: zero them
             for tangent_index in range(first_loss, len(keys)):
