@@ -72,6 +72,7 @@ class Config:
     profile_top: int = 25
     threads: int = 1
     seed: int = 0
+    label: str = ""  # what code was measured (e.g. a commit), written into the results
     out: str = ""  # default: benchmarks/results/overhead/host_time_cpu.json
 
 
