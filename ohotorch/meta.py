@@ -334,7 +334,7 @@ class DeviceMeta:
             phi = torch.log(q) * self.sign
         if self.config.optimizer == "adam":
             b1, b2 = self.config.betas
-            v_hat_previous = torch.where(t > 0, v / (1.0 - torch.pow(b2, t)), torch.zeros_like(v))
+            v_hat_previous = torch.where(t > 0, v / (1.0 - torch.pow(b2, t)), 0.0)
             bound = torch.maximum(META_CLIP * torch.sqrt(v_hat_previous),
                                   torch.sqrt(META_V_GROWTH * v / (1.0 - b2)))
             grad = torch.where(bound > 0, torch.minimum(torch.maximum(grad, -bound), bound), grad)
