@@ -982,7 +982,10 @@ class OHO(Optimizer):
         if not flat:
             return hyper
         device = flat[0][2].device
-        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device, non_blocking=True)
+        loss_sum = torch.as_tensor(loss).detach().double()
+        if loss_sum.dim():  # a 0-d loss is its own sum
+            loss_sum = loss_sum.sum()
+        loss_sum = loss_sum.to(device, non_blocking=True)
         if self._use_sync_free(self._all_params()):
             sync_free.hyper_step(self, flat, loss_sum)
             return hyper

@@ -150,7 +150,12 @@ def hyper_step(opt: "OHO", flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor
     device_meta = device_meta_for(opt, entries, loss_sum.device)
     restart_outside_writes(opt)
     generations = list(device_meta.generation)
-    packed = device_meta.update(torch.stack([h.detach().double() for _, _, h in flat]), loss_sum)
+    hs = [h.detach() for _, _, h in flat]
+    if all(h.dtype == hs[0].dtype for h in hs):  # one conversion of the stack (exact either way)
+        stacked = torch.stack(hs).double()
+    else:
+        stacked = torch.stack([h.double() for h in hs])
+    packed = device_meta.update(stacked, loss_sum)
     n = len(entries)
 
     def consume(values: List[float]) -> None:
