@@ -6,8 +6,9 @@ This script measures the same host work on the CPU, where it is cheap to run: a 
 ``width`` channels in the first stage instead of 64, so that every kernel is tiny) on a tiny input
 (``batch_size`` x 3 x 8 x 8). The CUDA code path ("sync-free": no host reads, device meta-update,
 deferred read-back) is forced on the CPU tensors with ``opt._sync_free = True`` (``--sync-free false``
-measures the CPU's host path instead), and so is the multi-tensor (``torch._foreach_*``) path that every
-optimizer takes on CUDA (``--foreach false``: the per-tensor loops).
+measures the CPU's host path instead), and so are the multi-tensor (``torch._foreach_*``) path that every
+optimizer takes on CUDA (``--foreach false``: the per-tensor loops) and the multi-tensor contraction of the
+hypergradients (``--multi-tensor-contraction false``: one ``torch.mv`` per parameter, the CPU's form).
 
 For each variant it reports, per step (an ``_h10`` variant: per step averaged over whole cycles of 10):
 
@@ -68,6 +69,7 @@ class Config:
     momentum: float = 0.9
     sync_free: bool = True  # force the CUDA (sync-free) path on the CPU tensors
     foreach: bool = True  # the torch._foreach_* path, every optimizer's default on CUDA
+    multi_tensor_contraction: bool = True  # the hypergradient contraction's form on CUDA
     profile: bool = False  # cProfile one more block of steps per variant
     profile_top: int = 25
     threads: int = 1
@@ -126,6 +128,7 @@ def make_optimizer(variant: str, model: nn.Module, cfg: Config) -> torch.optim.O
     else:
         opt._sync_free = cfg.sync_free
         opt.foreach = cfg.foreach
+        opt._multi_tensor_contraction = cfg.multi_tensor_contraction
     return opt
 
 

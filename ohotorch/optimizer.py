@@ -535,6 +535,9 @@ class OHO(Optimizer):
     # None: sync-free when every parameter that steps is on CUDA; True / False force it (tests run the
     # device path on CPU tensors with True).
     _sync_free: Optional[bool] = None
+    # None: the contraction's form by its tensors (multi-tensor on CUDA, see influence.contract); True /
+    # False force it (the host-time benchmark measures CUDA's form on the CPU).
+    _multi_tensor_contraction: Optional[bool] = None
 
     def _use_sync_free(self, params: Sequence[Tensor]) -> bool:
         if self._losses():
@@ -942,7 +945,8 @@ class OHO(Optimizer):
             )
         self._usage.steps_without_hyper_step = 0
         by_id = {id(p): grad for p, grad in zip(params, val_grads)}
-        hyper = influence.contract(self.param_groups, self.state, keys, by_id)
+        hyper = influence.contract(self.param_groups, self.state, keys, by_id,
+                                   multi_tensor=self._multi_tensor_contraction)
         if losses:  # their keys come last; read_out leaves them out
             n = len(losses.keys())
             values = losses.contract(self.state, params, len(keys) - n, by_id)

@@ -330,7 +330,8 @@ def test_weights_are_copied_back_only_after_they_moved(foreach, monkeypatch):
             separate.append(fd_hvp(isolation, closure, v, train_grads, eps=1e-4, scheme="central"))
     copies = []
     real_copy = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src, **kw: (copies.append(len(dst)), real_copy(dst, src, **kw)))
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda dst, src, **kw: (copies.append(len(dst)), real_copy(dst, src, **kw)))
     with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
         together = [fd_hvp(isolation, closure, v, train_grads, eps=1e-4, scheme="central") for v in vs]
     assert all(torch.equal(a, b) for one, other in zip(separate, together) for a, b in zip(one, other))
