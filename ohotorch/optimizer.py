@@ -148,7 +148,9 @@ class OHO(Optimizer):
     every re-evaluation), the K HVPs (all computed before anything is committed), one discounted
     tangent, and a backup of the training gradient where it is a view into a larger buffer (DDP's
     ``gradient_as_bucket_view``). The copies of the weights and gradients keep their memory between
-    steps (no allocation per step), as do those of the module's buffers.
+    steps (no allocation per step), as do those of the module's buffers. On CUDA the hypergradient
+    contraction of ``hyper_step`` takes one temporary of the parameters' size
+    (:func:`ohotorch.influence.contract`).
 
     **Drop-in change** to an SGD loop::
 
