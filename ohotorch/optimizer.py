@@ -947,8 +947,10 @@ class OHO(Optimizer):
             )
         self._usage.steps_without_hyper_step = 0
         by_id = {id(p): grad for p, grad in zip(params, val_grads)}
-        hyper = influence.contract(self.param_groups, self.state, keys, by_id,
-                                   multi_tensor=self._multi_tensor_contraction)
+        multi_tensor = self._multi_tensor_contraction
+        if multi_tensor is None and not self._use_foreach(params):
+            multi_tensor = False  # foreach=False: no multi-tensor op anywhere
+        hyper = influence.contract(self.param_groups, self.state, keys, by_id, multi_tensor=multi_tensor)
         if losses:  # their keys come last; read_out leaves them out
             n = len(losses.keys())
             values = losses.contract(self.state, params, len(keys) - n, by_id)

@@ -175,11 +175,11 @@ def test_optimizer_with_the_multi_tensor_contraction(monkeypatch, sync_free):
     (``_multi_tensor_contraction``, as the host-time benchmark forces it)."""
     import ohotorch
 
-    def run(multi_tensor):
+    def run(multi_tensor, foreach=True):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
         opt = ohotorch.OHO(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, discount=1.0, meta_lr=0.0,
-                           foreach=True)
+                           foreach=foreach)
         opt._sync_free = sync_free
         opt._multi_tensor_contraction = multi_tensor
         x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
@@ -205,3 +205,8 @@ def test_optimizer_with_the_multi_tensor_contraction(monkeypatch, sync_free):
     assert len(calls) == 3
     for a, b in zip(reference, forced):
         assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-12, abs=1e-15) for k in a)
+    monkeypatch.setattr(influence, "_multi_tensor_pays", lambda pairs: True)  # as on CUDA
+    run(None, foreach=False)  # foreach=False: no multi-tensor op, the contraction's included
+    assert len(calls) == 3
+    run(None)
+    assert len(calls) == 6
