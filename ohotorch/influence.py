@@ -30,7 +30,8 @@ from torch import Tensor
 from . import hyper_groups, meta
 
 __all__ = ["TangentKey", "tangent_keys", "key_name", "is_direct", "ensure_tangents", "tangent_tensors",
-           "zero_tangents_", "scale_tangents_", "tangent_norms", "tangent_norms_tensor", "zero_tangent_", "contract"]
+           "zero_tangents_", "scale_tangents_", "tangent_norms", "tangent_norms_tensor", "zero_tangent_", "contract",
+           "contract_multi_tensor"]
 
 TangentKey = Tuple[Optional[int], str]
 
@@ -46,7 +47,7 @@ class _PerTensorCache:
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[int, Tuple[Any, Any]] = {}
+        self._entries: Dict[int, Tuple[Any, Any, Any]] = {}  # id -> (weak reference, value, extra)
 
     def get(self, t: Tensor) -> Any:
         entry = self._entries.get(id(t))
@@ -54,7 +55,7 @@ class _PerTensorCache:
             return entry[1]
         return None
 
-    def put(self, t: Tensor, value: Any) -> None:
+    def put(self, t: Tensor, value: Any, extra: Any = None) -> None:
         key, entries = id(t), self._entries
 
         def forget(ref: Any) -> None:  # the tensor died: drop its entry unless the id was reused since
@@ -62,7 +63,7 @@ class _PerTensorCache:
             if entry is not None and entry[0] is ref:
                 del entries[key]
 
-        entries[key] = (weakref.ref(t, forget), value)
+        entries[key] = (weakref.ref(t, forget), value, extra)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,14 +76,16 @@ _SLICES = _PerTensorCache()
 
 
 def tangent_slices(t: Tensor) -> Tuple[Tensor, ...]:
-    """``(t[0], ..., t[K-1])``, made once per tensor (same values and memory as indexing)."""
-    slices = _SLICES.get(t)
-    if slices is None or (slices and slices[0].data_ptr() != t.data_ptr()):
-        with torch.no_grad():
-            stride, offset = t.stride(), t.storage_offset()
-            slices = tuple(torch.empty(0, dtype=t.dtype, device=t.device).set_(
-                t.untyped_storage(), offset + k * stride[0], t.shape[1:], stride[1:]) for k in range(t.shape[0]))
-        _SLICES.put(t, slices)
+    """``(t[0], ..., t[K-1])``, made once per tensor (same values and memory as indexing); made again
+    when ``t`` no longer starts where it did (``set_`` onto other memory)."""
+    entry = _SLICES._entries.get(id(t))
+    if entry is not None and entry[0]() is t and entry[2] == t.data_ptr():
+        return entry[1]
+    with torch.no_grad():
+        stride, offset = t.stride(), t.storage_offset()
+        slices = tuple(torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), offset + k * stride[0], t.shape[1:], stride[1:]) for k in range(t.shape[0]))
+    _SLICES.put(t, slices, t.data_ptr())  # where the memory they alias starts
     return slices
 
 
@@ -105,6 +108,18 @@ def tangent_matrix(t: Tensor) -> Tensor:
 def tangent_slice(t: Tensor, k: int) -> Tensor:
     """``t[k]`` without dispatching an op (see :func:`tangent_slices`)."""
     return tangent_slices(t)[k]
+
+
+def slices_at(tensors: Sequence[Tensor], k: int) -> List[Tensor]:
+    """``[tangent_slice(t, k) for t in tensors]`` in one pass over the cache (the hot loops call this for
+    every parameter, several times a step)."""
+    entries = _SLICES._entries
+    out: List[Tensor] = []
+    for t in tensors:
+        entry = entries.get(id(t))
+        out.append(entry[1][k] if entry is not None and entry[0]() is t and entry[2] == t.data_ptr()
+                   else tangent_slices(t)[k])
+    return out
 
 
 def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -179,7 +194,7 @@ def scale_tangents_(states: Sequence[Mapping[str, Any]], gamma: float) -> None:
 
 def zero_tangent_(states: Sequence[Mapping[str, Any]], index: int) -> None:
     """Zero tangent ``index`` (w' and its companions) in every state."""
-    slices = [tangent_slice(t, index) for t in tangent_tensors(states)]
+    slices = slices_at(tangent_tensors(states), index)
     if slices:
         torch._foreach_zero_(slices)
 
@@ -199,7 +214,8 @@ def tangent_norms(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tuple[
 def tangent_norms_tensor(pairs: Sequence[Tuple[Tensor, Tensor]], n_keys: int) -> Tensor:
     """:func:`tangent_norms` as one float64 tensor ``[||w'_0||, ..., ||w'_{K-1}||, ||w||]`` on the
     parameters' device, read by nobody: no host sync. One ``_foreach_norm`` over all K + 1 lists."""
-    lists = [[tangent_slice(t, k) for _, t in pairs] for k in range(n_keys)] + [[p for p, _ in pairs]]
+    tangents = [t for _, t in pairs]
+    lists = [slices_at(tangents, k) for k in range(n_keys)] + [[p for p, _ in pairs]]
     flat = torch._foreach_norm([t for ts in lists for t in ts])
     squares = torch.stack(flat).double().pow(2).view(n_keys + 1, len(pairs)).sum(1)
     return squares.sqrt()
@@ -289,11 +305,12 @@ def contract_multi_tensor(pairs: Sequence[Sequence[Tuple[Tensor, Tensor]]], n_ke
     """
     flat = [pair for group in pairs for pair in group]
     dtype = flat[0][0].dtype
+    tangents = [t for t, _ in flat]
     grads = [as_dtype(grad, dtype) for _, grad in flat]
     positive: List[Tensor] = []
     magnitude: List[Tensor] = []
     for k in range(n_keys):
-        products = torch._foreach_mul([tangent_slice(t, k) for t, _ in flat], grads)
+        products = torch._foreach_mul(slices_at(tangents, k), grads)
         magnitude.append(torch.stack(torch._foreach_norm(products, 1, dtype=torch.float64)))
         torch._foreach_clamp_min_(products, 0.0)
         positive.append(torch.stack(torch._foreach_norm(products, 1, dtype=torch.float64)))

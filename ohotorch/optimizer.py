@@ -813,7 +813,8 @@ class OHO(Optimizer):
         """gamma w'_k in the parameters' dtypes (zero for a parameter without a tangent yet), the stored
         tangent untouched: the same values the commit's in-place discount gives it."""
         tangents = [self.state.get(p, {}).get("tangent_w") for p in active]
-        stored = [None if t is None else influence.tangent_slice(t, tangent_index) for t in tangents]
+        present = iter(influence.slices_at([t for t in tangents if t is not None], tangent_index))
+        stored = [None if t is None else next(present) for t in tangents]
         if self.discount < 1.0:
             present = [t for t in stored if t is not None]
             scaled = iter(torch._foreach_mul(present, self.discount) if present else [])

@@ -210,3 +210,12 @@ def test_optimizer_with_the_multi_tensor_contraction(monkeypatch, sync_free):
     assert len(calls) == 3
     run(None)
     assert len(calls) == 6
+
+
+def test_slices_at_is_the_cached_slices_of_each_tensor():
+    ts = [torch.randn(2, 3), torch.randn(2, 4, 1), torch.randn(2, 0)]
+    for k in range(2):
+        got = influence.slices_at(ts, k)
+        assert all(s is influence.tangent_slice(t, k) and torch.equal(s, t[k]) for s, t in zip(got, ts))
+    ts[0].set_(torch.randn(2, 3))  # other memory: the slices follow it
+    assert influence.slices_at(ts, 1)[0].data_ptr() == ts[0][1].data_ptr()
