@@ -4,7 +4,7 @@ On a GPU the device idles while Python runs; ``benchmarks/overhead.py`` measures
 This script measures the same host work on the CPU, where it is cheap to run: a model with ResNet18's
 62 parameter tensors and 60 BatchNorm buffers (``resnet18_narrow``: the CIFAR ResNet18 layout at
 ``width`` channels in the first stage instead of 64, so that every kernel is tiny) on a tiny input
-(``batch_size`` x 3 x 8 x 8). The CUDA code path ("sync-free": no host reads, device meta-update,
+(``batch_size`` x 3 x 8 x 8, default 8 x 3 x 8 x 8). The CUDA code path ("sync-free": no host reads, device meta-update,
 deferred read-back) is forced on the CPU tensors with ``opt._sync_free = True`` (``--sync-free false``
 measures the CPU's host path instead), and so are the multi-tensor (``torch._foreach_*``) path that every
 optimizer takes on CUDA (``--foreach false``: the per-tensor loops) and the multi-tensor contraction of the
@@ -61,7 +61,7 @@ class Config:
     variants: Tuple[str, ...] = VARIANTS
     model: str = "resnet18_narrow"  # resnet18_narrow (62 tensors, tiny) or resnet18 (torchvision, full width)
     width: int = 4  # resnet18_narrow: channels of the first stage (64 in ResNet18)
-    batch_size: int = 2
+    batch_size: int = 8  # 2 makes the full horizon diverge on this model (reset steps change the work)
     image_size: int = 8
     iters: int = 20  # timed steps per pass and variant (h10: rounded up to whole cycles)
     warmup: int = 4
