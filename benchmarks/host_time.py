@@ -4,11 +4,13 @@ On a GPU the device idles while Python runs; ``benchmarks/overhead.py`` measures
 This script measures the same host work on the CPU, where it is cheap to run: a model with ResNet18's
 62 parameter tensors and 60 BatchNorm buffers (``resnet18_narrow``: the CIFAR ResNet18 layout at
 ``width`` channels in the first stage instead of 64, so that every kernel is tiny) on a tiny input
-(``batch_size`` x 3 x 8 x 8, default 8 x 3 x 8 x 8). The CUDA code path ("sync-free": no host reads, device meta-update,
-deferred read-back) is forced on the CPU tensors with ``opt._sync_free = True`` (``--sync-free false``
-measures the CPU's host path instead), and so are the multi-tensor (``torch._foreach_*``) path that every
-optimizer takes on CUDA (``--foreach false``: the per-tensor loops) and the multi-tensor contraction of the
-hypergradients (``--multi-tensor-contraction false``: one ``torch.mv`` per parameter, the CPU's form).
+(default 8 x 3 x 8 x 8). The CUDA code path ("sync-free": no host reads, device meta-update, deferred
+read-back) is forced on the CPU tensors with ``opt._sync_free = True`` (``--sync-free false`` measures
+the CPU's host path instead), and so are the multi-tensor (``torch._foreach_*``) path that every
+optimizer takes on CUDA (``--foreach false``: the per-tensor loops) and the multi-tensor contraction of
+the hypergradients (``--multi-tensor-contraction false``: one ``torch.mv`` per parameter, the CPU's form).
+The CPU runs a multi-tensor op tensor by tensor, so ``host_ms`` overstates what such ops cost a GPU's
+host (one to a few launches each); ``ops`` and ``cuda_launches`` below are the counts to compare.
 
 For each variant it reports, per step (an ``_h10`` variant: per step averaged over whole cycles of 10):
 
