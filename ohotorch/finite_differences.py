@@ -30,8 +30,8 @@ from typing import Any, Callable, ContextManager, Iterable, List, Optional, Sequ
 import torch
 from torch import Tensor
 
-__all__ = ["RNGSnapshot", "BufferSnapshot", "GradSnapshot", "StepRollback", "ClosureIsolation", "fd_hvp",
-           "check_loss", "clone_all", "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
+__all__ = ["RNGSnapshot", "BufferSnapshot", "module_buffers", "GradSnapshot", "StepRollback", "ClosureIsolation",
+           "fd_hvp", "check_loss", "clone_all", "relative_step", "perturbation_scale", "LOW_PRECISION_STEP"]
 
 
 # The relative step for closures that compute in a 16-bit format (bf16 autocast), measured rather than
@@ -86,9 +86,10 @@ class BufferSnapshot:
     """Copies of a module's buffers (BatchNorm running statistics, counters), restorable in place.
 
     Restoring writes into the existing buffer tensors, so references held elsewhere stay valid. Capture
-    and restore are one multi-tensor copy each (a ResNet18 has ~180 buffers: per-tensor copies would
-    cost that many kernel launches, several times a step). ``storage``, a list the caller keeps between
-    steps, lends the copies' memory: later snapshots of the same buffers then allocate nothing.
+    and restore are one multi-tensor copy per (device, dtype) each: a ResNet18 has 60 buffers, 20 of them
+    int64 counters, and a multi-tensor op over a list of mixed dtypes falls back to one kernel per tensor
+    on CUDA, several times a step. ``storage``, a list the caller keeps between steps, lends the copies'
+    memory: later snapshots of the same buffers then allocate nothing.
     """
 
     def __init__(self, buffers: Iterable[Tensor], storage: Optional[List[Tensor]] = None) -> None:
@@ -98,18 +99,80 @@ class BufferSnapshot:
             for s, b in zip(storage, self.targets))
         if reusable:
             self.values = storage
-            if self.targets:
-                with torch.no_grad():
-                    torch._foreach_copy_(self.values, self.targets)
+            self.groups = _same_kind_groups(self.targets)
+            with torch.no_grad():
+                _copy_grouped_(self.values, self.targets, self.groups)
         else:
             self.values = clone_all(self.targets)
+            self.groups = _same_kind_groups(self.targets)
             if storage is not None:
                 storage[:] = self.values
 
     def restore(self) -> None:
-        if self.targets:
-            with torch.no_grad():
-                torch._foreach_copy_(self.targets, self.values)
+        with torch.no_grad():
+            _copy_grouped_(self.targets, self.values, self.groups)
+
+
+def _same_kind_groups(tensors: Sequence[Tensor]) -> Optional[List[List[int]]]:
+    """The positions of ``tensors`` grouped by (device, dtype), in order of first appearance; ``None``
+    when they are all of one kind (the common case: one multi-tensor op over the whole list)."""
+    if not tensors:
+        return []
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if all(t.dtype is dtype for t in tensors) and all(t.device == device for t in tensors):
+        return None
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _copy_grouped_(dst: List[Tensor], src: List[Tensor], groups: Optional[List[List[int]]]) -> None:
+    """``dst[i].copy_(src[i])`` for every i, one ``torch._foreach_copy_`` per group of
+    :func:`_same_kind_groups` (one kernel per group on CUDA, instead of one per tensor)."""
+    if groups is None:
+        torch._foreach_copy_(dst, src)
+        return
+    for group in groups:
+        torch._foreach_copy_([dst[i] for i in group], [src[i] for i in group])
+
+
+def module_buffers(module: torch.nn.Module) -> List[Tensor]:
+    """``list(module.buffers())``: the same tensors in the same order, by a direct walk of the module tree.
+
+    ``Module.buffers()`` goes through generator chains (``named_modules``, ``_named_members``) that cost
+    several microseconds per submodule, and the optimizer lists the buffers up to three times a step.
+    A module class that overrides how its members are listed gets ``module.buffers()`` itself.
+    """
+    root = type(module)
+    if (root.buffers is not _MODULE_BUFFERS or root.named_buffers is not _MODULE_NAMED_BUFFERS
+            or root._named_members is not _MODULE_NAMED_MEMBERS):
+        return list(module.buffers())
+    modules: set = set()
+    seen: set = set()
+    found: List[Tensor] = []
+
+    def walk(m: torch.nn.Module) -> bool:  # named_modules' pre-order, each module once
+        if type(m).named_modules is not _MODULE_NAMED_MODULES:
+            return False
+        modules.add(id(m))
+        for b in m._buffers.values():
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                found.append(b)
+        for child in m._modules.values():
+            if child is not None and id(child) not in modules and not walk(child):
+                return False
+        return True
+
+    return found if walk(module) else list(module.buffers())
+
+
+_MODULE_BUFFERS = torch.nn.Module.buffers
+_MODULE_NAMED_BUFFERS = torch.nn.Module.named_buffers
+_MODULE_NAMED_MEMBERS = torch.nn.Module._named_members
+_MODULE_NAMED_MODULES = torch.nn.Module.named_modules
 
 
 class GradSnapshot:
@@ -119,14 +182,15 @@ class GradSnapshot:
     the saved values into them, so that a closure that zeroed them in place (``zero_grad(set_to_none=False)``),
     accumulated into them, or a DDP bucket view that a backward rewrote, read bit for bit as on capture.
     Without ``values`` it is free, and exact whenever the closure replaced the gradients (``zero_grad()``'s
-    default ``set_to_none=True``) instead of writing into them.
+    default ``set_to_none=True``) instead of writing into them. ``storage`` lends the copies memory kept
+    between steps, as :class:`BufferSnapshot`'s (no allocation per step; the copies are never handed out).
     """
 
-    def __init__(self, params: Sequence[Tensor], *, values: bool) -> None:
+    def __init__(self, params: Sequence[Tensor], *, values: bool, storage: Optional[List[Tensor]] = None) -> None:
         self.params = list(params)
         self.grads = [p.grad for p in self.params]
         present = [g for g in self.grads if g is not None]
-        copies = iter(clone_all(present) if values else [])
+        copies = iter(BufferSnapshot(present, storage).values if values else [])
         self.values: Optional[List[Optional[Tensor]]] = (
             [next(copies) if g is not None else None for g in self.grads] if values else None)
 
@@ -159,8 +223,9 @@ class StepRollback:
     The RNG and buffers double as the ``replay`` of :class:`ClosureIsolation`.
     """
 
-    def __init__(self, params: Sequence[Tensor], *, grad_values: bool, buffers: Optional[BufferSnapshot]) -> None:
-        self.grads = GradSnapshot(params, values=grad_values)
+    def __init__(self, params: Sequence[Tensor], *, grad_values: bool, buffers: Optional[BufferSnapshot],
+                 grad_storage: Optional[List[Tensor]] = None) -> None:
+        self.grads = GradSnapshot(params, values=grad_values, storage=grad_storage)
         self.rng = RNGSnapshot().capture()
         self.buffers = buffers
 
@@ -172,11 +237,11 @@ class StepRollback:
 
 
 def clone_all(tensors: List[Tensor]) -> List[Tensor]:
-    """Detached copies of ``tensors`` in one multi-tensor copy (``torch._foreach_copy_``)."""
+    """Detached copies of ``tensors``, one multi-tensor copy (``torch._foreach_copy_``) per (device, dtype)."""
     copies = [torch.empty_like(t) for t in tensors]
     if copies:
         with torch.no_grad():
-            torch._foreach_copy_(copies, list(tensors))
+            _copy_grouped_(copies, list(tensors), _same_kind_groups(tensors))
     return copies
 
 
@@ -246,33 +311,44 @@ class ClosureIsolation:
         self.kept_pointers = {g.data_ptr() for g in self.kept_grads if g is not None and g.numel() > 0}
         self.rng = RNGSnapshot().capture()
         self.weight_copies = BufferSnapshot(self.weights, self.weight_storage).values
+        # Whether the weights may differ from their copies: set before anything can write them
+        # (perturb_, a closure evaluation), cleared by restore_weights. While clean, the weights hold
+        # their entry values bit for bit, so copying them back would write the same bits: skipped.
+        self.weights_moved = False
         return self
 
     def perturb_(self, direction: Sequence[Tensor], scale: Union[float, Tensor]) -> None:
         """Set ``weights`` to their entry values plus ``scale * direction`` (``scale`` a float, or a 0-d
         tensor on the weights' device: then nothing is read on the host)."""
+        restore = self.weights_moved  # clean: the weights are their entry values already
+        self.weights_moved = True
         if isinstance(scale, Tensor):
             if self.foreach:
-                torch._foreach_copy_(self.weights, self.weight_copies)
+                if restore:
+                    torch._foreach_copy_(self.weights, self.weight_copies)
                 torch._foreach_add_(self.weights, torch._foreach_mul(list(direction), scale))
             else:
                 for w, copy, v in zip(self.weights, self.weight_copies, direction):
-                    w.copy_(copy).add_(v * scale)
+                    (w.copy_(copy) if restore else w).add_(v * scale)
             return
         if self.foreach:
-            torch._foreach_copy_(self.weights, self.weight_copies)
+            if restore:
+                torch._foreach_copy_(self.weights, self.weight_copies)
             torch._foreach_add_(self.weights, list(direction), alpha=scale)
         else:
             for w, copy, v in zip(self.weights, self.weight_copies, direction):
-                w.copy_(copy).add_(v, alpha=scale)
+                (w.copy_(copy) if restore else w).add_(v, alpha=scale)
 
     def restore_weights(self) -> None:
-        """Copy the entry values back into ``weights``."""
+        """Copy the entry values back into ``weights`` (nothing to do while they have not moved)."""
+        if not self.weights_moved:
+            return
         if self.foreach and self.weights:
             torch._foreach_copy_(self.weights, self.weight_copies)
         else:
             for w, copy in zip(self.weights, self.weight_copies):
                 w.copy_(copy)
+        self.weights_moved = False
 
     def evaluate(self, closure: Callable[[], Any], what: str) -> Tuple[Any, List[Optional[Tensor]]]:
         """Run ``closure`` from cleared gradients (or copies of ``start``); returns its loss and the
@@ -294,6 +370,8 @@ class ClosureIsolation:
             copies = iter(clone_all(present))
             for p, g in zip(self.params, self.start):
                 p.grad = next(copies) if g is not None else None
+        if self.weights:
+            self.weights_moved = True  # a closure may write them (an in-place constraint, say)
         with torch.enable_grad():
             loss = closure()
         check_loss(loss, what)

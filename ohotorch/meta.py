@@ -334,7 +334,7 @@ class DeviceMeta:
             phi = torch.log(q) * self.sign
         if self.config.optimizer == "adam":
             b1, b2 = self.config.betas
-            v_hat_previous = torch.where(t > 0, v / (1.0 - torch.pow(b2, t)), torch.zeros_like(v))
+            v_hat_previous = torch.where(t > 0, v / (1.0 - torch.pow(b2, t)), 0.0)
             bound = torch.maximum(META_CLIP * torch.sqrt(v_hat_previous),
                                   torch.sqrt(META_V_GROWTH * v / (1.0 - b2)))
             grad = torch.where(bound > 0, torch.minimum(torch.maximum(grad, -bound), bound), grad)
@@ -354,8 +354,10 @@ class DeviceMeta:
         theta_new = torch.where(at_low, self.low, theta_new)
         theta_new = torch.where(self.frozen, theta, theta_new)
         new_state = torch.stack([theta_new, m_new, v_new, t_new])
-        finite_input = torch.isfinite(loss) & torch.isfinite(h).all()
-        committed = finite_input & torch.isfinite(new_state).all()
+        # x * 0 is 0 exactly when x is finite (inf * 0 and nan * 0 are nan), and a sum of zeros is 0 while
+        # a sum with a nan is not: every value finite in 2-3 kernels instead of isfinite's 4 and all's one.
+        finite_input = (loss * 0.0 + (h * 0.0).sum()) == 0.0
+        committed = finite_input & ((new_state * 0.0).sum() == 0.0)
         self.state.copy_(torch.where(committed, new_state, self.state))
         return torch.cat([self.state.flatten(), h, loss.reshape(1), finite_input.reshape(1).double(),
                           committed.reshape(1).double()])

@@ -63,7 +63,7 @@ from torch.optim import Optimizer
 from . import growth_cap, hyper_groups, influence, meta, sync_free, usage
 from .compat import check_torch_arguments
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
-                                 perturbation_scale, relative_step)
+                                 module_buffers, perturbation_scale, relative_step)
 from .influence import TangentKey
 from .loss_hyperparameters import LossHyperparameter, LossHyperparameters
 from .hyper_groups import DEFAULT_TUNE, DefaultTune
@@ -147,7 +147,10 @@ class OHO(Optimizer):
     run, a copy of the weights, a copy of the gradients on entry (for the rollback, and the start of
     every re-evaluation), the K HVPs (all computed before anything is committed), one discounted
     tangent, and a backup of the training gradient where it is a view into a larger buffer (DDP's
-    ``gradient_as_bucket_view``).
+    ``gradient_as_bucket_view``). The copies of the weights and gradients keep their memory between
+    steps (no allocation per step), as do those of the module's buffers. On CUDA the hypergradient
+    contraction of ``hyper_step`` takes one temporary of the parameters' size
+    (:func:`ohotorch.influence.contract`).
 
     **Drop-in change** to an SGD loop::
 
@@ -485,12 +488,15 @@ class OHO(Optimizer):
                 )
 
     # ------------------------------------------------------------------ small helpers
+    def _storage(self, slot: str) -> List[Tensor]:
+        """The memory a per-step copy (buffers, weights, gradients) reuses, kept per ``slot`` between steps."""
+        return self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
+
     def _snapshot(self, slot: str) -> Optional[BufferSnapshot]:
         """The module's buffers now, in memory kept per ``slot`` (none allocated after the first step)."""
         if self.module is None:
             return None
-        storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault(slot, [])
-        return BufferSnapshot(self.module.buffers(), storage)
+        return BufferSnapshot(module_buffers(self.module), self._storage(slot))
 
     def _tuning(self) -> bool:
         return any(group["tune"] for group in self.param_groups) or bool(self._losses())
@@ -509,12 +515,20 @@ class OHO(Optimizer):
         return bool(params) and all(p.is_cuda for p in params)
 
     def _state_for(self, p: Tensor, group: Dict[str, Any], n_keys: int) -> Dict[str, Any]:
-        state = self.state[p]
+        return self._states_for([p], group, n_keys)[0]
+
+    def _states_for(self, params: Sequence[Tensor], group: Dict[str, Any], n_keys: int) -> List[Dict[str, Any]]:
+        """The state of each of ``params`` (of ``group``), with its tangents created where missing."""
+        states = [self.state[p] for p in params]
+        if not n_keys:
+            return states
         # The greedy horizon never reads b' (or m', v') after the step that wrote them: not kept.
         # (A loss hyperparameter's tangent is updated with its direct term even then: companions kept.)
         companions = self._rule.companions(group) if self.discount > 0.0 or self._losses() else ()
-        influence.ensure_tangents(state, p, n_keys, companions)
-        return state
+        for p, state in zip(params, states):
+            if "tangent_w" not in state or any(name not in state for name in companions):
+                influence.ensure_tangents(state, p, n_keys, companions)
+        return states
 
     def _all_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -523,6 +537,9 @@ class OHO(Optimizer):
     # None: sync-free when every parameter that steps is on CUDA; True / False force it (tests run the
     # device path on CPU tensors with True).
     _sync_free: Optional[bool] = None
+    # None: the contraction's form by its tensors (multi-tensor on CUDA, see influence.contract); True /
+    # False force it (the host-time benchmark measures CUDA's form on the CPU).
+    _multi_tensor_contraction: Optional[bool] = None
 
     def _use_sync_free(self, params: Sequence[Tensor]) -> bool:
         if self._losses():
@@ -606,7 +623,8 @@ class OHO(Optimizer):
         # (2) Every closure evaluation: the training one, whose gradients, RNG and buffers every HVP
         # evaluation starts from, then the HVPs. Nothing of the user's or the optimizer's changes until all
         # of them succeeded; on any exception, what the evaluations changed is put back.
-        rollback = StepRollback(self._all_params(), grad_values=bool(nonzero), buffers=self._snapshot("before"))
+        rollback = StepRollback(self._all_params(), grad_values=bool(nonzero), buffers=self._snapshot("before"),
+                                grad_storage=self._storage("grads"))
         finite = True
         hvps: Dict[int, Optional[List[Tensor]]] = {}
         try:
@@ -651,7 +669,7 @@ class OHO(Optimizer):
             if not params:
                 works.append(None)
                 continue
-            states = [self._state_for(p, group, len(keys)) for p in params]
+            states = self._states_for(params, group, len(keys))
             works.append(self._rule.prepare(group, params, states, foreach))
         if tuning and from_zero:  # the loss hyperparameters' tangents are advanced with an HVP: zero them
             for tangent_index in range(first_loss, len(keys)):
@@ -756,7 +774,7 @@ class OHO(Optimizer):
         or non-finite tangent has eps = 0 and reads 0, and a non-finite HVP makes its tangent non-finite,
         which the deferred norm check of a later step resets."""
         rel = self._fd_rel(active)
-        weight_storage = self.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
+        weight_storage = self._storage("weights")
         train_grads = [p.grad for p in active]
         hvps: Dict[int, Optional[List[Tensor]]] = {}
         losses = self._losses()
@@ -794,8 +812,9 @@ class OHO(Optimizer):
     def _discounted_tangent(self, active: List[Tensor], tangent_index: int) -> List[Tensor]:
         """gamma w'_k in the parameters' dtypes (zero for a parameter without a tangent yet), the stored
         tangent untouched: the same values the commit's in-place discount gives it."""
-        stored = [influence.tangent_slice(self.state[p]["tangent_w"], tangent_index)
-                  if "tangent_w" in self.state.get(p, {}) else None for p in active]
+        tangents = [self.state.get(p, {}).get("tangent_w") for p in active]
+        present = iter(influence.slices_at([t for t in tangents if t is not None], tangent_index))
+        stored = [None if t is None else next(present) for t in tangents]
         if self.discount < 1.0:
             present = [t for t in stored if t is not None]
             scaled = iter(torch._foreach_mul(present, self.discount) if present else [])
@@ -929,7 +948,10 @@ class OHO(Optimizer):
             )
         self._usage.steps_without_hyper_step = 0
         by_id = {id(p): grad for p, grad in zip(params, val_grads)}
-        hyper = influence.contract(self.param_groups, self.state, keys, by_id)
+        multi_tensor = self._multi_tensor_contraction
+        if multi_tensor is None and not self._use_foreach(params):
+            multi_tensor = False  # foreach=False: no multi-tensor op anywhere
+        hyper = influence.contract(self.param_groups, self.state, keys, by_id, multi_tensor=multi_tensor)
         if losses:  # their keys come last; read_out leaves them out
             n = len(losses.keys())
             values = losses.contract(self.state, params, len(keys) - n, by_id)
@@ -969,7 +991,10 @@ class OHO(Optimizer):
         if not flat:
             return hyper
         device = flat[0][2].device
-        loss_sum = torch.as_tensor(loss).detach().double().sum().to(device, non_blocking=True)
+        loss_sum = torch.as_tensor(loss).detach().double()
+        if loss_sum.dim():  # a 0-d loss is its own sum
+            loss_sum = loss_sum.sum()
+        loss_sum = loss_sum.to(device, non_blocking=True)
         if self._use_sync_free(self._all_params()):
             sync_free.hyper_step(self, flat, loss_sum)
             return hyper

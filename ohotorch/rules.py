@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .adam_tangents import adam_apply_, adam_direct_terms_, adam_direction_, adam_state_sq_norm, adam_tangent_update_
-from .influence import TangentKey, as_dtype, tangent_slice
+from .influence import TangentKey, as_dtype, slices_at
 from .options import real
 from .sgd_tangents import sgd_apply_, sgd_direct_terms_, sgd_direction_, sgd_state_sq_norm, sgd_tangent_update_
 
@@ -186,8 +186,8 @@ class SGDRule:
                 continue
             states = [work.states[i] for i in chosen]
             keeps_tangent_b = uses_buffer and "tangent_b" in states[0]
-            yield (first_step, chosen, [tangent_slice(s["tangent_w"], index) for s in states],
-                   [tangent_slice(s["tangent_b"], index) for s in states] if keeps_tangent_b else None)
+            yield (first_step, chosen, slices_at([s["tangent_w"] for s in states], index),
+                   slices_at([s["tangent_b"] for s in states], index) if keeps_tangent_b else None)
 
     def update_tangent(self, group: Group, work: SGDWork, index: int, key: TangentKey, direct: bool,
                        hvp: Optional[List[Tensor]]) -> None:
@@ -211,9 +211,9 @@ class SGDRule:
             )
 
     def state_sq_norm(self, group: Group, work: SGDWork, index: int) -> Tensor:
-        tangent_b = ([tangent_slice(s["tangent_b"], index) for s in work.states]
+        tangent_b = (slices_at([s["tangent_b"] for s in work.states], index)
                      if self.uses_buffer(group) and "tangent_b" in work.states[0] else None)
-        return sgd_state_sq_norm([tangent_slice(s["tangent_w"], index) for s in work.states], tangent_b,
+        return sgd_state_sq_norm(slices_at([s["tangent_w"] for s in work.states], index), tangent_b,
                                  lr=effective_lr(group))
 
     def add_direct_terms(self, group: Group, work: SGDWork, index: int, key: TangentKey) -> None:
@@ -290,11 +290,11 @@ class AdamRule:
 
         def companion(state_key: str) -> Optional[List[Tensor]]:
             # m', v' are not kept when the tangents restart from zero every step
-            return ([tangent_slice(s[state_key], index) for s in states] if all(state_key in s for s in states)
+            return (slices_at([s[state_key] for s in states], index) if all(state_key in s for s in states)
                     else None)
 
         adam_tangent_update_(
-            [tangent_slice(s["tangent_w"], index) for s in states], companion("tangent_m"), companion("tangent_v"),
+            slices_at([s["tangent_w"] for s in states], index), companion("tangent_m"), companion("tangent_v"),
             None if hvp is None else [as_dtype(h, s["tangent_w"].dtype) for h, s in zip(hvp, states)],
             work.params, work.d, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             work.denom, work.bc1, work.bc2_sqrt,
@@ -309,8 +309,8 @@ class AdamRule:
     def state_sq_norm(self, group: Group, work: AdamWork, index: int) -> Tensor:
         states = work.states
         return adam_state_sq_norm(
-            [tangent_slice(s["tangent_w"], index) for s in states], [tangent_slice(s["tangent_m"], index) for s in states],
-            [tangent_slice(s["tangent_v"], index) for s in states], [s["exp_avg"] for s in states],
+            slices_at([s["tangent_w"] for s in states], index), slices_at([s["tangent_m"] for s in states], index),
+            slices_at([s["tangent_v"] for s in states], index), [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], work.denom, work.bc1, work.bc2_sqrt, lr=effective_lr(group))
 
     def add_direct_terms(self, group: Group, work: AdamWork, index: int, key: TangentKey) -> None:
@@ -318,8 +318,8 @@ class AdamRule:
         beta1, beta2 = group["betas"]
         name = key[1]
         adam_direct_terms_(
-            [tangent_slice(s["tangent_w"], index) for s in states], [tangent_slice(s["tangent_m"], index) for s in states],
-            [tangent_slice(s["tangent_v"], index) for s in states], work.params, work.d,
+            slices_at([s["tangent_w"] for s in states], index), slices_at([s["tangent_m"] for s in states], index),
+            slices_at([s["tangent_v"] for s in states], index), work.params, work.d,
             [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], work.denom, work.bc1, work.bc2_sqrt,
             lr=effective_lr(group), beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
             decoupled=self.decoupled, direct_lr=name in ("lr", "lr_scale"), lr_derivative=lr_derivative(group, name),

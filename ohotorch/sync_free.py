@@ -115,13 +115,15 @@ def tangent_scales(opt: "OHO", keys: Sequence[TangentKey]) -> Optional[Tuple[Ten
     if not keys or not pairs:  # no tangent yet: nothing to perturb
         return None
     all_norms = influence.tangent_norms_tensor(pairs, len(keys))
-    norms, weight_norm = all_norms[:-1] * opt.discount, all_norms[-1]  # of gamma w': see _tangent_norms
+    norms, weight_norm = all_norms[:-1], all_norms[-1]
+    if opt.discount != 1.0:
+        norms = norms * opt.discount  # of gamma w': see _tangent_norms
     rel = opt._fd_rel([p for p, _ in pairs])
-    usable = torch.isfinite(norms) & (norms > 0)
-    safe = torch.where(usable, norms, torch.ones_like(norms))
+    usable = (norms > 0) & (norms < math.inf)  # finite and non-zero (a nan fails both)
+    safe = torch.where(usable, norms, 1.0)
     reach = rel * (1.0 + weight_norm)  # eps * ||w'|| (the perturbation's norm)
-    eps = torch.where(usable, reach / safe, torch.zeros_like(norms))
-    inverse = torch.where(usable, safe / reach, torch.zeros_like(norms))
+    eps = torch.where(usable, reach / safe, 0.0)
+    inverse = torch.where(usable, safe / reach, 0.0)
     names = [influence.key_name(opt.param_groups, key) for key in keys]
 
     def consume(values: List[float]) -> None:
@@ -148,7 +150,12 @@ def hyper_step(opt: "OHO", flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor
     device_meta = device_meta_for(opt, entries, loss_sum.device)
     restart_outside_writes(opt)
     generations = list(device_meta.generation)
-    packed = device_meta.update(torch.stack([h.detach().double() for _, _, h in flat]), loss_sum)
+    hs = [h.detach() for _, _, h in flat]
+    if all(h.dtype == hs[0].dtype for h in hs):  # one conversion of the stack (exact either way)
+        stacked = torch.stack(hs).double()
+    else:
+        stacked = torch.stack([h.double() for h in hs])
+    packed = device_meta.update(stacked, loss_sum)
     n = len(entries)
 
     def consume(values: List[float]) -> None:

@@ -343,3 +343,21 @@ def test_aux_task_quick(tmp_path):
     assert oho["final_rho"] != saved["config"]["rho0"]  # rho was tuned
     assert len(l2["final_l2"]) == 3 and l2["final_l2"] != [saved["config"]["l2_0"]] * 3
     assert {r["rho"] for r in saved["runs"]["grid"]} == set(saved["config"]["rho_grid"])
+
+
+def test_host_time_counts_the_optimizers_own_time_and_launches(tmp_path):
+    import host_time
+    out = tmp_path / "host_time.json"
+    payload = host_time.main(["--variants", "sgd,oho_greedy,oho_global_full", "--iters", "2", "--warmup", "2",
+                              "--repeats", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["parameters"] == 62 and saved["environment"]["device"] == "cpu"
+    rows = payload["results"]
+    for row in rows.values():
+        assert row["step_ms"] > row["closure_ms"] > 0 and math.isfinite(row["host_ms"])
+    assert rows["sgd"]["cuda_launches"] < rows["oho_greedy"]["cuda_launches"] < rows["oho_global_full"]["cuda_launches"]
+    assert len(list(host_time.narrow_resnet18(4).buffers())) == 60
+    floats, counters = [torch.zeros(2)] * 3, [torch.zeros((), dtype=torch.int64)]
+    assert host_time.cuda_launches("_foreach_copy_", (floats, floats)) == 1
+    assert host_time.cuda_launches("_foreach_copy_", (floats + counters, floats + counters)) == 4  # per tensor
+    assert host_time.cuda_launches("view", (floats[0],)) == 0

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ohotorch.finite_differences import (LOW_PRECISION_STEP, BufferSnapshot, ClosureIsolation, GradSnapshot,
-                                         StepRollback, check_loss, fd_hvp, perturbation_scale, relative_step)
+                                         StepRollback, check_loss, fd_hvp, module_buffers, perturbation_scale,
+                                         relative_step)
 
 
 def test_relative_step_and_scale():
@@ -281,3 +282,105 @@ def test_starts_are_the_saved_values_only_where_the_closure_kept_the_gradient():
     loss_fn().backward()
     starts = snapshot.starts()
     assert starts[0] is snapshot.values[0] and starts[1:] == [None] * (len(params) - 1)
+
+
+class _ListsItsOwnBuffers(nn.Module):
+    """A module class that overrides how its members are listed: module_buffers must defer to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shown", torch.zeros(2))
+        self.register_buffer("hidden", torch.ones(2))
+
+    def named_buffers(self, *args, **kwargs):  # type: ignore[override]
+        return iter([("shown", self.shown)])
+
+
+def test_module_buffers_lists_what_module_buffers_lists():
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(2, 3), shared, nn.Sequential(shared, nn.BatchNorm1d(3)), nn.ReLU())
+    model.register_buffer("none", None)
+    model[0].register_buffer("tied", shared.running_mean)  # one tensor under two names: listed once
+    model.add_module("empty", None)
+    expected = list(model.buffers())
+    assert len(expected) == 6
+    found = module_buffers(model)
+    assert len(found) == len(expected) and all(a is b for a, b in zip(found, expected))
+    inner = nn.Sequential(nn.BatchNorm1d(2), _ListsItsOwnBuffers())
+    assert [id(b) for b in module_buffers(inner)] == [id(b) for b in inner.buffers()]
+    own = _ListsItsOwnBuffers()
+    assert [id(b) for b in module_buffers(own)] == [id(own.shown)]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["per_tensor", "foreach"])
+def test_weights_are_copied_back_only_after_they_moved(foreach, monkeypatch):
+    """K HVPs in one isolation copy the weights back only after they moved: not before the first
+    perturbation of each HVP, nor again on exit; the results are those of a fresh isolation per HVP, bit
+    for bit, and a closure that writes the weights itself still leaves them restored."""
+    model, params, _, closure = _setup()
+    model.eval()
+    with torch.enable_grad():
+        closure()
+    train_grads = [p.grad for p in params]
+    weights = [p.detach().clone() for p in params]
+    vs = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    separate = []
+    for v in vs:
+        with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+            separate.append(fd_hvp(isolation, closure, v, train_grads, eps=1e-4, scheme="central"))
+    copies = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda dst, src, **kw: (copies.append(len(dst)), real_copy(dst, src, **kw)))
+    with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+        together = [fd_hvp(isolation, closure, v, train_grads, eps=1e-4, scheme="central") for v in vs]
+    assert all(torch.equal(a, b) for one, other in zip(separate, together) for a, b in zip(one, other))
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+    if foreach:  # the snapshot, then per central HVP: before the second perturbation, after the evaluations
+        assert copies == [len(params)] * (1 + 2 * len(vs))
+
+    def writes_weights():
+        loss = closure()
+        with torch.no_grad():
+            params[0].mul_(2.0)
+        return loss
+
+    with torch.no_grad(), ClosureIsolation(params, weights=params, foreach=foreach) as isolation:
+        isolation.evaluate(writes_weights, "closure")
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_gradient_copies_reuse_the_storage_they_are_lent():
+    model, params, loss_fn, closure = _setup()
+    closure()
+    storage = []
+    first = GradSnapshot(params, values=True, storage=storage)
+    assert len(storage) == len(params) and all(a is b for a, b in zip(first.values, storage))
+    closure()
+    grads = [p.grad for p in params]
+    values = [g.clone() for g in grads]
+    second = GradSnapshot(params, values=True, storage=storage)
+    assert all(a is b for a, b in zip(second.values, first.values))  # the same memory, no new allocation
+    for g in grads:
+        g.zero_()
+    second.restore()
+    assert all(p.grad is g and torch.equal(g, v) for p, g, v in zip(params, grads, values))
+
+
+def test_buffer_snapshot_copies_once_per_dtype(monkeypatch):
+    """Mixed float and int64 buffers (BatchNorm's counters): one multi-tensor copy per dtype, each over
+    one dtype (CUDA's multi-tensor kernels need that; a mixed list takes one kernel per tensor)."""
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3))
+    calls = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda dst, src, **kw: (calls.append({t.dtype for t in dst}), real_copy(dst, src, **kw)))
+    storage = []
+    before = [b.clone() for b in model.buffers()]
+    snapshot = BufferSnapshot(model.buffers(), storage)
+    snapshot = BufferSnapshot(model.buffers(), storage)  # reusing the storage
+    with torch.no_grad():
+        model(torch.randn(4, 3))
+    snapshot.restore()
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(model.buffers(), before))
+    assert calls == [{torch.float32}, {torch.int64}] * 3

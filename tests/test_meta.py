@@ -171,3 +171,30 @@ def test_huge_meta_lr_is_clamped_in_meta_space():
     assert meta.meta_update_(groups, [(0, "lr", -1.0), (0, "weight_decay", 1.0)], 1.0, state, config) == meta.COMMITTED
     assert groups[0]["lr"] == pytest.approx(math.exp(meta.LOG_SPACE_MAX)) and groups[0]["weight_decay"] == 0.0
     assert math.isfinite(groups[0]["lr"])
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("where", ["loss", "h", "result"])
+def test_device_meta_refuses_every_non_finite_value(bad, where):
+    """The all-or-nothing flags of DeviceMeta.update: any infinite or nan loss, hypergradient or result
+    leaves the state unchanged and reports why; finite ones commit."""
+    import torch
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {"lr": 0.1, "weight_decay": 0.1}})
+    entries = [(0, "lr"), (0, "weight_decay")]
+    dm = meta.DeviceMeta(entries, [0.1, 1e-3], [{}, {}], config, torch.device("cpu"))
+    h = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    loss = torch.tensor(1.0, dtype=torch.float64)
+    if where == "loss":
+        loss = torch.tensor(bad, dtype=torch.float64)
+    elif where == "h":
+        h[1] = bad
+    else:  # finite inputs, a non-finite second moment in the state: the step's result is not finite
+        dm.state[2, 0] = bad
+    before = dm.state.clone()
+    packed = dm.update(h, loss).tolist()
+    finite_input, committed = packed[-2] == 1.0, packed[-1] == 1.0
+    assert finite_input == (where == "result") and not committed
+    assert torch.equal(dm.state.nan_to_num(), before.nan_to_num())  # unchanged
+    ok = meta.DeviceMeta(entries, [0.1, 1e-3], [{}, {}], config, torch.device("cpu"))
+    packed = ok.update(torch.tensor([0.5, -0.25], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).tolist()
+    assert packed[-2] == 1.0 and packed[-1] == 1.0
