@@ -34,7 +34,8 @@ puts it into the parameters. BatchNorm running statistics belong to :math:`w`; r
 (:math:`\bar w`, in the parameter's dtype, float32 for 16-bit parameters) and, while tuning,
 ``"average_tangent_w"`` (:math:`\dot{\bar w}`, the shape and dtype of ``"tangent_w"``). Both are created
 at the first step from the iterate it makes (:math:`a_1 = 1`); a run that turns averaging on later, or
-loads a checkpoint without averages, starts them at the current iterate and its influence. A parameter
+loads a checkpoint without averages, starts them at the iterate of its next step and that iterate's
+influence (until then, ``averaged()`` and the hypergradient use the current weights and influence). A parameter
 whose tangent appears after the first step (its first gradient) starts its averaged tangent at zero,
 the value its tangent had until then. When a tangent is reset for being non-finite, its average is
 reset to zero with it.
@@ -147,8 +148,8 @@ def zero_tangent_(states: Sequence[Mapping[str, Any]], index: int) -> None:
 
 
 def tangent_view(state: Mapping[Tensor, Mapping[str, Any]]) -> Dict[Tensor, Dict[str, Tensor]]:
-    r"""``{p: {"tangent_w": }}`` holding :math:`\dot{\bar w}` (``tangent_w`` where no average exists yet: the
-    average starts at the current iterate), for the hypergradient contraction."""
+    r"""``{p: {"tangent_w": ...}}`` holding :math:`\dot{\bar w}` (``tangent_w`` where no average exists yet),
+    for the hypergradient contraction."""
     view: Dict[Tensor, Dict[str, Tensor]] = {}
     for p, s in state.items():
         tangent = s.get(AVERAGE_TANGENT) if AVERAGE in s else s.get("tangent_w")
