@@ -42,8 +42,9 @@ reset to zero with it.
 
 **Cost.** Memory: one more copy of the weights and of the K weight tangents. Time: one lerp over the
 weights and the K tangents per step (``torch._foreach_lerp_`` with a Python float weight on the foreach
-path: :math:`a_t` depends only on the host's step counter, so no synchronisation), and one copy of the
-weights in and one out per hyper-step.
+path: :math:`a_t` depends only on the host's step counter, so no synchronisation), and per hyper-step one
+copy of the weights aside, one of the average in and one back (the copy aside lives in the memory the
+Hessian-vector products use for theirs; with the greedy horizon it is one more copy of the weights).
 """
 from __future__ import annotations
 
@@ -183,9 +184,10 @@ def swapped(params: Sequence[Tensor], state: Mapping[Tensor, Mapping[str, Any]],
 
 
 def storage(opt: Any) -> List[Tensor]:
-    """The memory an optimizer lends the weight copy of :func:`swapped` (kept between hyper-steps; left
-    out of copies, as the other snapshot storage)."""
-    return opt.__dict__.setdefault("_buffer_storage", {}).setdefault("average", [])
+    """The memory the hypergradient's :func:`swapped` keeps the weights in: that of the Hessian-vector
+    products' weight copy (never in use while a validation closure runs), so no extra memory is held
+    between steps where the step perturbs the weights (a horizon longer than greedy)."""
+    return opt.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
 
 
 def refuse_inside_averaged(opt: Any) -> None:

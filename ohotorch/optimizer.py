@@ -12,7 +12,8 @@ zero), writing nothing; (2) every closure evaluation: the training one, then a H
 per non-zero tangent of the discounted influence inside one
 :class:`~ohotorch.finite_differences.ClosureIsolation` (all K products alive at once); (3) commit: the
 tangent layout, the discount, ``prepare`` every group (the rule's state and direction, weights
-unmoved); (4) advance every tangent; (5) ``apply`` (move the weights). No closure runs after (2), and
+unmoved); (4) advance every tangent; (5) ``apply`` (move the weights); (6) with ``average``, fold the
+new iterate and its influence into their averages (:mod:`ohotorch.averaging`). No closure runs after (2), and
 nothing of the optimizer's is written before (3): if any evaluation of (2) fails (any exception,
 ``KeyboardInterrupt`` included, or no loss returned), a
 :class:`~ohotorch.finite_differences.StepRollback` taken on entry puts the gradients (the same tensor
@@ -1032,7 +1033,7 @@ class OHO(Optimizer):
         if self.average is None:
             raise RuntimeError(f"{type(self).__name__}.averaged() needs average=p (e.g. average=3.0) at "
                                "construction: with average=None no average of the iterates is kept")
-        with averaging.swapped(self._all_params(), self.state, averaging.storage(self)):
+        with averaging.swapped(self._all_params(), self.state):
             depth = self.__dict__.get("_averaged_depth", 0)
             self.__dict__["_averaged_depth"] = depth + 1
             try:
@@ -1044,7 +1045,7 @@ class OHO(Optimizer):
         """With ``average``: the parameters hold the averaged weights inside (for the validation closure)."""
         if self.average is None:
             return contextlib.nullcontext()
-        return averaging.swapped(params, self.state, averaging.storage(self))
+        return averaging.swapped(params, self.state, averaging.storage(self))  # no HVP runs meanwhile
 
     def _loss_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss: Any) -> None:
         """The host meta-update of the param groups' values and the loss hyperparameters together, all or

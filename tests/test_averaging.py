@@ -490,3 +490,14 @@ def test_nonfinite_tangent_resets_its_average_too(sync_free):
         opt.state_dict()  # the sync-free path applies its deferred resets
     assert all(torch.isfinite(s["average_tangent_w"]).all() for s in opt.state.values())
     assert math.isfinite(float(opt.hypergradient(closures(opt, model, val))[0]["lr"]))
+
+
+def test_hypergradient_inside_averaged_is_the_same_and_both_restore():
+    model, opt, val = _trained(3)
+    before = _params(model)
+    outside = opt.hypergradient(closures(opt, model, val))
+    with opt.averaged():
+        averages = _params(model)
+        inside = opt.hypergradient(closures(opt, model, val))
+        assert _bits_equal(_params(model), averages)
+    assert inside == outside and _bits_equal(_params(model), before)
