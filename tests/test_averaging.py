@@ -278,11 +278,15 @@ def test_option_is_public_state():
 
 
 # ---------------------------------------------------------------------------------------------- exception safety
+def _state_tensors(model, opt):
+    return {f"{i}/{key}": value for i, p in enumerate(model.parameters())
+            for key, value in opt.state[p].items() if torch.is_tensor(value)}
+
+
 def _snapshot(model, opt):
     return (_params(model), [None if p.grad is None else p.grad.clone() for p in model.parameters()],
             [p.grad for p in model.parameters()],
-            {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items() if torch.is_tensor(v)
-             for k in [f"{id(p)}/{k}"]})
+            {key: value.clone() for key, value in _state_tensors(model, opt).items()})
 
 
 def _unchanged(model, opt, saved):
@@ -291,7 +295,7 @@ def _unchanged(model, opt, saved):
     assert all(g is o for g, o in zip((p.grad for p in model.parameters()), grad_objects))
     assert all((a is None and b is None) or torch.equal(a, b)
                for a, b in zip((p.grad for p in model.parameters()), grad_values))
-    now = {f"{id(p)}/{k}": v for p in model.parameters() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    now = _state_tensors(model, opt)
     assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
 
 
