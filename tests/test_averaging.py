@@ -133,7 +133,8 @@ def test_loss_hyperparameter_matches_finite_differences_of_the_whole_run():
             opt.step(closure)
         with opt.averaged():
             loss = float(F.cross_entropy(model(val[0]), val[1]).detach())
-        got = opt.hypergradient(closures(opt, model, val)) if tuned else None
+        if tuned:
+            opt.hypergradient(closures(opt, model, val))  # stores d L_val(w_bar) / d rho in rho.grad
         return loss, (None if rho is None else float(rho.grad))
 
     rho0, h = 1e-2, 1e-5
