@@ -15,7 +15,9 @@ task, a character-level transformer LM trained with AdamW) it runs, with 3 seeds
   keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Three keys are
   read by the benchmark instead of OHO: ``hyper_every`` (a hyper-step every k steps), ``val_batches``
   (the validation loss of each hyper-step averaged over that many batches) and ``schedule``
-  (``"cosine"``: a CosineAnnealingLR over the run drives ``lr`` while OHO tunes ``lr_scale``).
+  (``"cosine"``: a CosineAnnealingLR over the run drives ``lr`` while OHO tunes ``lr_scale``). A run
+  with OHO's ``average`` option is evaluated at the average of its iterates (``opt.averaged()``; with
+  BatchNorm, running statistics recomputed for it from 20 training batches and put back afterwards).
 
 Each run is one task in a process pool (``--workers``, default every core; one torch thread each).
 The results file holds the configuration, versions, device, and every run with its final test loss,
@@ -71,7 +73,7 @@ SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for S
 # variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
 # and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
 # multiplier lr_scale, and weight decay when the task starts it above 0)
-LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "average", "average_target", "average_min", "fast_start")
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "fast_start")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -197,11 +199,8 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     hyper_every = int(kwargs.pop("hyper_every", 1))
     val_batches = int(kwargs.pop("val_batches", 1))
     schedule = kwargs.pop("schedule", None)
-    average = kwargs.pop("average", None)
-    average_target = bool(kwargs.pop("average_target", True))
-    average_min = float(kwargs.pop("average_min", 0.0))
-    # prototype "fast start": the lr's meta learning rate is fast_start until the tuned lr first falls 10%
-    # below its running maximum, then the configured one
+    # "fast_start": the lr's meta learning rate is fast_start until the tuned lr first falls 10% below its
+    # running maximum, then the configured one (a prototype of a faster first climb)
     fast_start = kwargs.pop("fast_start", None)
     torch.manual_seed(seed)
     model = task.model_fn()
@@ -213,11 +212,8 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     if is_oho and fast_start is not None:
         fast = {"slow": dict(opt.meta_lr), "peak": 0.0}
         opt.meta_lr = {**opt.meta_lr, "lr": float(fast_start)}
-    averaged = None
-    if is_oho and average is not None:
-        from averaged_target import AveragedTarget
-
-        averaged = AveragedTarget(opt, power=float(average), min_weight=average_min)
+    # OHO with average=p tunes for, and is evaluated at, the average of its iterates
+    averaged = is_oho and getattr(opt, "average", None) is not None
     train, val = task.train_stream(seed), task.val_stream(seed)
     steps = task.steps
     eval_at = {max(1, round(steps * k / task.evals)) for k in range(1, task.evals + 1)}
@@ -229,11 +225,10 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     evals: Dict[str, List[Any]] = {"step": [], "wall_time": [], "val_loss": [], "test_loss": [], "test_acc": []}
 
     def evaluate(step: int, wall: float) -> None:
-        swap = averaged.swap() if averaged is not None else contextlib.nullcontext()
-        with swap:
+        with opt.averaged() if averaged else contextlib.nullcontext():
             if schedule_free:
                 opt.eval()
-            if step > 0 and _has_batchnorm(model) and (schedule_free or averaged is not None):
+            if step > 0 and _has_batchnorm(model) and (schedule_free or averaged):
                 # the averaged weights need their own BN statistics
                 saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
                 with torch.no_grad():
@@ -241,7 +236,7 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
                     for _ in range(20):
                         model(next(calib)[0])
             val_metrics, test_metrics = task.evaluate(model, "val"), task.evaluate(model, "test")
-            if averaged is not None and step > 0 and _has_batchnorm(model):
+            if averaged and step > 0 and _has_batchnorm(model):  # the running statistics belong to w
                 model.load_state_dict(saved, strict=False)
         if schedule_free:
             opt.train()
@@ -262,12 +257,9 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     for step in range(1, steps + 1):
         x, y = next(train)
         loss = float(opt.step(_closure(opt, task, model, [(x, y)])))
-        if averaged is not None:
-            averaged.after_step()
         if is_oho and (step - 1) % hyper_every == 0:
             batches = [next(val) for _ in range(val_batches)]
-            (averaged if averaged is not None and average_target else opt).hyper_step(
-                _closure(opt, task, model, batches))
+            opt.hyper_step(_closure(opt, task, model, batches))
             value = getattr(opt, "diagnostics", {}).get("val_loss")
             if value is not None:
                 val_window += float(value)

@@ -12,7 +12,8 @@ zero), writing nothing; (2) every closure evaluation: the training one, then a H
 per non-zero tangent of the discounted influence inside one
 :class:`~ohotorch.finite_differences.ClosureIsolation` (all K products alive at once); (3) commit: the
 tangent layout, the discount, ``prepare`` every group (the rule's state and direction, weights
-unmoved); (4) advance every tangent; (5) ``apply`` (move the weights). No closure runs after (2), and
+unmoved); (4) advance every tangent; (5) ``apply`` (move the weights); (6) with ``average``, fold the
+new iterate and its influence into their averages (:mod:`ohotorch.averaging`). No closure runs after (2), and
 nothing of the optimizer's is written before (3): if any evaluation of (2) fails (any exception,
 ``KeyboardInterrupt`` included, or no loss returned), a
 :class:`~ohotorch.finite_differences.StepRollback` taken on entry puts the gradients (the same tensor
@@ -51,16 +52,17 @@ gammas are read once per step for ``diagnostics["growth_gamma"]`` on the host pa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import growth_cap, hyper_groups, influence, meta, sync_free, usage
+from . import averaging, growth_cap, hyper_groups, influence, meta, sync_free, usage
 from .compat import check_torch_arguments
 from .finite_differences import (BufferSnapshot, ClosureIsolation, StepRollback, check_loss, fd_hvp,
                                  module_buffers, perturbation_scale, relative_step)
@@ -223,6 +225,16 @@ class OHO(Optimizer):
             ``meta_lr=0.01``: benchmarks/results/horizon/README.md). No extra HVP: two float64 norms,
             one scaling per tangent and step, no host sync (:mod:`ohotorch.growth_cap`). No effect with
             the greedy horizon (``discount=0``) or on a reset step, where the influence restarts from zero.
+        average: ``None`` (default: off) or ``p >= 0``: tune for the validation loss of a polynomial-decay
+            average of the iterates, :math:`\bar w_t = (1 - a_t)\bar w_{t-1} + a_t w_t` with
+            :math:`a_t = \min(1, (1 + p)/(t + p))` (``p = 3`` a good start; ``0`` the uniform average),
+            instead of that of the current weights; the influence is averaged alike, so the hypergradient
+            :math:`\langle\nabla L_{val}(\bar w_t), \dot{\bar w}_t\rangle` stays exact. On data-rich tasks,
+            where a large lr pays off only after annealing, the average removes the noise that makes the
+            current weights' loss drive the lr down. The model to evaluate is :math:`\bar w`:
+            ``with opt.averaged(): ...`` (:meth:`averaged`; BatchNorm statistics need recomputing there).
+            Cost: one more copy of the weights and of the K weight tangents, one lerp over them per step,
+            one copy of the weights in and out per hyper-step (:mod:`ohotorch.averaging`).
         module: the model. When given, its buffers (BatchNorm running statistics) are restored so that
             they end every step exactly as one ordinary training step leaves them, and the validation
             closure leaves them untouched. Without it, each extra closure evaluation updates them again.
@@ -307,6 +319,7 @@ class OHO(Optimizer):
         reset_every: Optional[int] = Options.reset_every,
         discount: float = Options.discount,
         growth_cap: Optional[float] = Options.growth_cap,
+        average: Optional[float] = Options.average,
         module: Optional[nn.Module] = Options.module,
         foreach: Optional[bool] = Options.foreach,
     ) -> None:
@@ -316,7 +329,8 @@ class OHO(Optimizer):
         options = Options(meta_lr=meta_lr, meta_optimizer=meta_optimizer, meta_betas=meta_betas,
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
-                          discount=discount, growth_cap=growth_cap, module=module, foreach=foreach)
+                          discount=discount, growth_cap=growth_cap, average=average, module=module,
+                          foreach=foreach)
         self._setup(params, defaults, options)
 
     @property
@@ -577,6 +591,7 @@ class OHO(Optimizer):
         ``zero_grad()``'s default; a closure that zeroes them in place loses them as with torch.optim.)
         """
         self._refuse_grad_scaler()
+        averaging.refuse_inside_averaged(self)
         tuning = self._tuning()
         if tuning:
             self._check_no_scheduler_on_tuned_lr()
@@ -663,6 +678,7 @@ class OHO(Optimizer):
                     warnings.warn(f"OHO: the influence for {keys[tangent_index]} became non-finite and was reset "
                                   "to zero")
                     influence.zero_tangent_(list(self.state.values()), tangent_index)
+                    averaging.zero_tangent_(list(self.state.values()), tangent_index)
         works: List[Any] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -690,6 +706,10 @@ class OHO(Optimizer):
         for group, work in zip(self.param_groups, works):
             if work is not None:
                 self._rule.apply(group, work)
+        if self.average is not None:  # (6) fold the new iterate and its influence into the averages
+            params = self._all_params()
+            averaging.update_(params, self.state, self._bookkeeping.steps + 1, self.average,
+                              foreach=self._use_foreach(params))
         self._bookkeeping.steps += 1
         usage.note_step(self, tuning)
         return loss
@@ -939,7 +959,8 @@ class OHO(Optimizer):
         losses = self._losses()
         if losses:  # the validation loss must not read a loss hyperparameter: .value refuses there
             val_closure = losses.wrap(val_closure, "val")
-        with usage.watch_unseen_buffers(self), ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation:
+        with usage.watch_unseen_buffers(self), ClosureIsolation(params, buffers=self._snapshot("hyper")) as isolation, \
+                self._at_average(params):
             loss, val_grads = isolation.evaluate(val_closure, "val_closure")
         if all(grad is None for grad in val_grads):
             raise RuntimeError(
@@ -951,10 +972,11 @@ class OHO(Optimizer):
         multi_tensor = self._multi_tensor_contraction
         if multi_tensor is None and not self._use_foreach(params):
             multi_tensor = False  # foreach=False: no multi-tensor op anywhere
-        hyper = influence.contract(self.param_groups, self.state, keys, by_id, multi_tensor=multi_tensor)
+        state = self.state if self.average is None else averaging.tangent_view(self.state)
+        hyper = influence.contract(self.param_groups, state, keys, by_id, multi_tensor=multi_tensor)
         if losses:  # their keys come last; read_out leaves them out
             n = len(losses.keys())
-            values = losses.contract(self.state, params, len(keys) - n, by_id)
+            values = losses.contract(state, params, len(keys) - n, by_id)
             losses.set_hypergradients(torch.zeros(n, dtype=torch.float64) if values is None else values)
         return hyper, loss
 
@@ -1013,6 +1035,42 @@ class OHO(Optimizer):
             self._publish_hyperparameters()
         self._report_hyper_step(outcome, hypergradients, loss_value)
         return hyper
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        r"""The averaged weights :math:`\bar w` (``average=p``, :mod:`ohotorch.averaging`) in the parameters
+        inside the ``with`` block; the current weights :math:`w` back, bit for bit, on exit (also on an
+        exception). For evaluation and for checkpoints of the averaged model::
+
+            with opt.averaged():
+                evaluate(model)                        # the model to report is the average
+                torch.save(model.state_dict(), path)   # a checkpoint of the averaged model
+
+        BatchNorm running statistics belong to :math:`w`, not to :math:`\bar w`: for a model with
+        BatchNorm, recompute them inside the block before evaluating (a few forward passes of training
+        batches in train mode under ``torch.no_grad()``, after resetting them or with ``momentum=None``)
+        and put the saved ones back afterwards, as with schedule-free optimizers. ``step()`` inside the
+        block is refused (it would step from :math:`\bar w`, and the exit would undo it). Before the
+        first step the parameters keep their values (the average starts there).
+
+        Raises RuntimeError with ``average=None``: there is no average to put in.
+        """
+        if self.average is None:
+            raise RuntimeError(f"{type(self).__name__}.averaged() needs average=p (e.g. average=3.0) at "
+                               "construction: with average=None no average of the iterates is kept")
+        with averaging.swapped(self._all_params(), self.state):
+            depth = self.__dict__.get("_averaged_depth", 0)
+            self.__dict__["_averaged_depth"] = depth + 1
+            try:
+                yield
+            finally:
+                self.__dict__["_averaged_depth"] = depth
+
+    def _at_average(self, params: List[Tensor]) -> Any:
+        """With ``average``: the parameters hold the averaged weights inside (for the validation closure)."""
+        if self.average is None:
+            return contextlib.nullcontext()
+        return averaging.swapped(params, self.state, averaging.storage(self))  # no HVP runs meanwhile
 
     def _loss_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss: Any) -> None:
         """The host meta-update of the param groups' values and the loss hyperparameters together, all or
@@ -1087,6 +1145,8 @@ class OHO(Optimizer):
                 if p.grad is None:
                     continue
                 self._rule.init_state(group, p, self._state_for(p, group, n_keys))
+                if self.average is not None:
+                    averaging.init_state_(self.state[p], p)
 
     @property
     def counters(self) -> Dict[str, int]:
@@ -1150,7 +1210,8 @@ class OHO(Optimizer):
             state_dict["param_groups"] = [{**{k: v for k, v in group.items() if k != "params"}, **saved}
                                           for group, saved in zip(self.param_groups, saved_groups)]
         # torch casts floating state to the parameter's dtype; tangents keep the precision they were saved in.
-        tangent_dtypes = {idx: {key: t.dtype for key, t in s.items() if key.startswith("tangent_")}
+        tangent_dtypes = {idx: {key: t.dtype for key, t in s.items()
+                                if key.startswith("tangent_") or key in averaging.KEEP_DTYPE}
                           for idx, s in state_dict.get("state", {}).items()}
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)

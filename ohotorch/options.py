@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import meta
+from . import averaging, meta
 
 __all__ = ["Options", "real", "canonical_tune"]
 
@@ -65,6 +65,7 @@ class Options:
     reset_every: Optional[int] = None
     discount: float = 0.0
     growth_cap: Optional[float] = None
+    average: Optional[float] = None
     module: Optional[nn.Module] = None
     foreach: Optional[bool] = None
 
@@ -103,6 +104,7 @@ class Options:
             if not (math.isfinite(cap) and cap >= 0.0):
                 raise ValueError(f"Invalid growth_cap: {self.growth_cap!r} (a finite number >= 0, or None)")
             self.growth_cap = cap
+        self.average = averaging.check_power(self.average)
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(self.module).__name__}")
         self.meta_lr = _check_meta_lr(self.meta_lr, self.meta_optimizer, self.space)

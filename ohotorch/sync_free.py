@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import influence, meta
+from . import averaging, influence, meta
 from .deferred import Deferred, Readback, Record
 from .influence import TangentKey
 
@@ -138,6 +138,7 @@ def tangent_scales(opt: "OHO", keys: Sequence[TangentKey]) -> Optional[Tuple[Ten
         for index, norm in enumerate(values[:len(names)]):
             if not math.isfinite(norm):
                 influence.zero_tangent_(list(opt.state.values()), index)
+                averaging.zero_tangent_(list(opt.state.values()), index)
 
     deferred(opt).add(Record(opt._bookkeeping.steps, Readback(all_norms), consume, apply))
     return eps, inverse

@@ -79,6 +79,8 @@ def oracle_hypergradients(
     eps: float = 1e-8,
     scheduled_lr: Optional[Sequence[float]] = None,
     tied: Sequence[Sequence[Tuple[int, str]]] = (),
+    average: Optional[float] = None,
+    greedy: bool = False,
 ) -> List[Dict[str, float]]:
     """dL_val(w_T)/d theta by reverse-mode autograd through T unrolled SGD steps.
 
@@ -88,6 +90,11 @@ def oracle_hypergradients(
     replaces every group's lr at step t + 1 (a scheduler's values); a group's "lr_scale" multiplies it.
     Each entry of ``tied`` lists ``(group, name)`` pairs that are one scalar (a shared hyper group): every
     one reports the derivative by that scalar.
+
+    ``average`` (a power p): differentiate L_val at the polynomial-decay average of the iterates,
+    w_bar_t = w_bar_{t-1} + a_t (w_t - w_bar_{t-1}), a_t = min(1, (1 + p) / (t + p)), instead of at w_T.
+    ``greedy``: detach the weights and the optimizer's buffers before every step, so that each iterate
+    depends on the hyperparameters through its last step only (the greedy horizon's one-step tangents).
     """
     names = [n for n, _ in model.named_parameters()]
     w0 = [p.detach().clone() for p in model.parameters()]
@@ -106,7 +113,12 @@ def oracle_hypergradients(
     w = [t.clone().requires_grad_(True) for t in w0]
     bufs = [None] * len(w)
     moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in w0]
+    w_bar = None
     for step, batch in enumerate(train_batches, start=1):
+        if greedy:
+            w = [t.detach().requires_grad_(True) for t in w]
+            bufs = [None if b is None else b.detach() for b in bufs]
+            moments = [(m.detach(), v.detach()) for m, v in moments]
         grads = torch.autograd.grad(loss_at(w, batch), w, create_graph=True)
         new_w = []
         for i, (wi, gi) in enumerate(zip(w, grads)):
@@ -135,7 +147,10 @@ def oracle_hypergradients(
                 u = d
             new_w.append(wi - lr * u)
         w = new_w
-    val = loss_at(w, val_batch)
+        if average is not None:
+            a = min(1.0, (1.0 + average) / (step + average))
+            w_bar = w if w_bar is None else [b + a * (x - b) for b, x in zip(w_bar, w)]
+    val = loss_at(w if w_bar is None else w_bar, val_batch)
     flat = [(k, n, t) for k, h in enumerate(theta) for n, t in h.items()]
     grads = torch.autograd.grad(val, [t for _, _, t in flat], allow_unused=True, materialize_grads=True)
     out: List[Dict[str, float]] = [{} for _ in theta]

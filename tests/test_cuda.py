@@ -63,6 +63,9 @@ SYNC_FREE = {
                                                    weight_decay=1e-3, discount=0.9, growth_cap=1.0),
     "adamw_full_growth_cap": lambda m: ohotorch.OHOAdamW(m.parameters(), lr=1e-3, module=m, discount=1.0,
                                                          growth_cap=1.0),
+    "full_growth_cap_average": lambda m: ohotorch.OHO(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3,
+                                                      module=m, discount=1.0, growth_cap=1.0, average=3.0),
+    "adamw_greedy_average": lambda m: ohotorch.OHOAdamW(m.parameters(), lr=1e-3, module=m, average=3.0),
 }
 
 
