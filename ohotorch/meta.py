@@ -258,8 +258,9 @@ def meta_update_(
 
     ``hypergradients`` lists ``(group index, name, dL/dtheta)``; ``meta_state`` maps ``"g/name"`` to
     the meta-optimizer state of that value (Adam's m, v, t and ``"written"``, the value this function
-    last wrote; with ``config.fast_start``, ``"peak"`` and ``"fast"`` for lr and lr_scale). Returns :data:`COMMITTED`, or :data:`NONFINITE_HYPERGRADIENT` /
-    :data:`NONFINITE_RESULT` when it changed nothing at all (neither values nor state).
+    last wrote; with ``config.fast_start``, ``"peak"`` and ``"fast"`` for lr and lr_scale). Returns
+    :data:`COMMITTED`, or :data:`NONFINITE_HYPERGRADIENT` / :data:`NONFINITE_RESULT` when it changed
+    nothing at all (neither values nor state).
     """
     if not (math.isfinite(loss) and all(math.isfinite(h) for _, _, h in hypergradients)):
         return NONFINITE_HYPERGRADIENT
@@ -274,7 +275,7 @@ def meta_update_(
         previous = state.get("written", theta)
         if previous != theta:
             # Set from outside: the moments measured at the old scale would freeze or fling it.
-            state = _fast_phase_state(original) if config.fast(name) else {}
+            state.clear()  # (fast start's phase is read from the original below)
             if name == "lr":
                 warnings.warn(
                     f"OHO: the lr of param group {index} was changed from outside since the last hyper_step "
