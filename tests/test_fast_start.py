@@ -1,5 +1,6 @@
 """fast_start: the lr's (and lr_scale's) fast first climb, on the host and device meta-updates, through
 the optimizer (both paths), state_dict, outside writes and non-finite hyper-steps."""
+import contextlib
 import copy
 import math
 
@@ -143,7 +144,7 @@ def test_device_meta_matches_the_host_meta_update():
         if k == 25:  # an outside write of lr: the device restarts it and keeps its phase
             groups[0]["lr"] *= 0.5
             dm.restart(0, groups[0]["lr"])
-        with pytest.warns(UserWarning) if k == 25 else _nothing():
+        with pytest.warns(UserWarning) if k == 25 else contextlib.nullcontext():
             outcome = meta.meta_update_(groups, [(i, name, v) for (i, name), v in zip(entries, hs)], loss,
                                         state, config)
         packed = dm.update(torch.tensor(hs, dtype=torch.float64), torch.tensor(loss, dtype=torch.float64)).tolist()
@@ -156,14 +157,6 @@ def test_device_meta_matches_the_host_meta_update():
                 assert packed[5 * n + j] == saved["fast"], (k, name)
                 switched += saved["fast"] == 0.0
     assert rows == 6 and groups[1]["momentum"] == 0.9 and switched > 0
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.05, math.inf, math.nan])
