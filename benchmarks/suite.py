@@ -73,7 +73,7 @@ SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for S
 # variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
 # and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
 # multiplier lr_scale, and weight decay when the task starts it above 0)
-LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "fast_start")
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -199,19 +199,12 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     hyper_every = int(kwargs.pop("hyper_every", 1))
     val_batches = int(kwargs.pop("val_batches", 1))
     schedule = kwargs.pop("schedule", None)
-    # "fast_start": the lr's meta learning rate is fast_start until the tuned lr first falls 10% below its
-    # running maximum, then the configured one (a prototype of a faster first climb)
-    fast_start = kwargs.pop("fast_start", None)
     torch.manual_seed(seed)
     model = task.model_fn()
     model.train()
     opt, scheduler = build_optimizer(method, model, task, spec["lr"], kwargs, schedule)
     is_oho = method.startswith("oho")
     schedule_free = method.startswith("sf_")
-    fast = None
-    if is_oho and fast_start is not None:
-        fast = {"slow": dict(opt.meta_lr), "peak": 0.0}
-        opt.meta_lr = {**opt.meta_lr, "lr": float(fast_start)}
     # OHO with average=p tunes for, and is evaluated at, the average of its iterates
     averaged = is_oho and getattr(opt, "average", None) is not None
     train, val = task.train_stream(seed), task.val_stream(seed)
@@ -266,12 +259,6 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
                 val_n += 1
         if scheduler is not None:
             scheduler.step()
-        if fast is not None:
-            now = effective_hypers(opt)[0]
-            fast["peak"] = max(fast["peak"], now)
-            if now < 0.9 * fast["peak"]:
-                opt.meta_lr = fast["slow"]
-                fast = None
         window += loss
         window_n += 1
         if not math.isfinite(loss):

@@ -33,13 +33,23 @@ hyper-step (by the user, a scheduler, a checkpoint edit) is the new starting poi
 state restarts; ``meta_lr = 0`` leaves the value bit-identical; the result is projected onto the bounds;
 and nothing is written (values nor meta-optimizer state) unless every hypergradient, the loss and every
 new value are finite.
+
+**Fast start** (``fast_start``, off by default). Meta-Adam in log space moves a value by at most about
+its meta learning rate (relatively) per hyper-step, so from a small initial lr the climb is slow. With
+``fast_start = a``, each tuned ``lr`` / ``lr_scale`` is stepped with meta learning rate ``a`` instead of
+its ``meta_lr`` until its value first falls below :data:`FAST_START_DROP` (0.9) times the largest value
+a hyper-step has given it; from the next hyper-step on, for the rest of the run, its ``meta_lr``. Its
+meta state holds ``"peak"`` (that running maximum) and ``"fast"`` (1.0 while fast, 0.0 once done; never
+fast again); an outside write restarts the moments but keeps both, and a meta state without them (an
+older checkpoint, or one made without ``fast_start``) counts as done. ``meta_lr = 0`` still freezes the
+value. Other hyperparameters are unaffected. Cost: a few scalar operations per hyper-step.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, MutableMapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -65,6 +75,9 @@ __all__ = [
     "LOG_SPACE_MAX",
     "meta_bounds",
     "DeviceMeta",
+    "FAST_START_DROP",
+    "FAST_START_NAMES",
+    "fast_start_phase",
 ]
 
 # lr_scale multiplies a scheduled lr (the effective lr is group["lr"] * group["lr_scale"]): tuning it
@@ -101,6 +114,27 @@ META_V_GROWTH = 0.4
 # The largest phi of the log-space maps: theta stays below float32's largest value (~3.4e38), whatever the
 # meta learning rate (exp of a larger phi would overflow float64 at ~709, or float32 tensors before that).
 LOG_SPACE_MAX = math.log(torch.finfo(torch.float32).max)
+
+# Fast start (module docstring): the fast phase of a value ends when it first falls below this fraction
+# of its running maximum; the names it applies to.
+FAST_START_DROP = 0.9
+FAST_START_NAMES: Tuple[str, ...] = ("lr", "lr_scale")
+
+
+def fast_start_phase(state: Mapping[str, float]) -> Tuple[float, float]:
+    """``(peak, fast)`` of a meta state: its own, else fast from 0 for a fresh (empty) state, else done
+    (a meta state kept without them: an older checkpoint, or a run that started without fast_start)."""
+    if "fast" in state:
+        return float(state["peak"]), float(state["fast"])
+    return (0.0, 0.0) if state else (0.0, 1.0)
+
+
+def _fast_phase_state(state: Mapping[str, float]) -> Dict[str, float]:
+    """What an outside write keeps of a meta state with fast start on: the phase, not the moments."""
+    if not state:
+        return {}
+    peak, fast = fast_start_phase(state)
+    return {"peak": peak, "fast": fast}
 
 
 def to_meta(name: str, theta: float, space: str) -> float:
@@ -201,6 +235,11 @@ class MetaConfig:
     eps: float
     space: str  # "log" or "raw"
     bounds: Mapping[str, Tuple[float, float]]
+    fast_start: Optional[float] = None  # the meta learning rate of lr / lr_scale while fast (docstring)
+
+    def fast(self, name: str) -> bool:
+        """Whether fast start applies to ``name``."""
+        return self.fast_start is not None and name in FAST_START_NAMES
 
 
 COMMITTED = "committed"
@@ -219,8 +258,9 @@ def meta_update_(
 
     ``hypergradients`` lists ``(group index, name, dL/dtheta)``; ``meta_state`` maps ``"g/name"`` to
     the meta-optimizer state of that value (Adam's m, v, t and ``"written"``, the value this function
-    last wrote). Returns :data:`COMMITTED`, or :data:`NONFINITE_HYPERGRADIENT` /
-    :data:`NONFINITE_RESULT` when it changed nothing at all (neither values nor state).
+    last wrote; with ``config.fast_start``, ``"peak"`` and ``"fast"`` for lr and lr_scale). Returns
+    :data:`COMMITTED`, or :data:`NONFINITE_HYPERGRADIENT` / :data:`NONFINITE_RESULT` when it changed
+    nothing at all (neither values nor state).
     """
     if not (math.isfinite(loss) and all(math.isfinite(h) for _, _, h in hypergradients)):
         return NONFINITE_HYPERGRADIENT
@@ -230,11 +270,12 @@ def meta_update_(
             raise ValueError(f"meta_lr has no value for {name!r} (tuned in param group {index})")
         theta = float(param_groups[index][name])
         key = f"{index}/{name}"
-        state = dict(meta_state.get(key, {}))  # a copy: committed only with the new value
+        original = meta_state.get(key, {})
+        state = dict(original)  # a copy: committed only with the new value
         previous = state.get("written", theta)
         if previous != theta:
             # Set from outside: the moments measured at the old scale would freeze or fling it.
-            state.clear()
+            state.clear()  # (fast start's phase is read from the original below)
             if name == "lr":
                 warnings.warn(
                     f"OHO: the lr of param group {index} was changed from outside since the last hyper_step "
@@ -245,13 +286,22 @@ def meta_update_(
         phi = to_meta(name, theta, config.space)
         grad = h * meta_derivative(name, theta, config.space)
         lr = config.meta_lr[name]
+        if config.fast(name):
+            peak, fast = fast_start_phase(original)
+            state.pop("peak", None), state.pop("fast", None)  # set below, after the step
+            if fast == 1.0:
+                lr = config.fast_start  # type: ignore[assignment]
         if config.optimizer == "adam":
             new_phi = meta_adam_step(phi, grad, state, lr=lr, betas=config.betas, eps=config.eps)
         else:
             new_phi = meta_sgd_step(phi, grad, lr=lr)
         new_theta = _from_meta_clamped(name, new_phi, config)
-        if lr == 0.0:
+        if config.meta_lr[name] == 0.0:
             new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
+        if config.fast(name):
+            peak = max(peak, new_theta)
+            state["peak"] = peak
+            state["fast"] = 0.0 if new_theta < FAST_START_DROP * peak else fast
         proposals.append((index, name, new_theta, state))
     if not all(math.isfinite(theta) and all(math.isfinite(v) for v in state.values())
                for _, _, theta, state in proposals):
@@ -269,10 +319,14 @@ class DeviceMeta:
     The same arithmetic as :func:`meta_update_` (map, clip, Adam or SGD, clamp in meta space,
     projection, all or nothing) as a fixed sequence of tensor ops: :meth:`update` never reads a value
     on the host. ``entries`` lists ``(group index, name)``; ``values`` their current values; ``states``
-    their meta-optimizer states (keys m, v, t; empty for a fresh start). ``state`` is one
-    ``(4, n)`` tensor, rows theta, m, v, t; ``written`` (host floats) the value last written into
+    their meta-optimizer states (keys m, v, t, and peak, fast for fast start; empty for a fresh start).
+    ``state`` is one ``(6, n)`` tensor, rows theta, m, v, t, peak, fast (:data:`ROWS`; peak and fast
+    are 0 for an entry without fast start, whose meta learning rate is then always its ``meta_lr``);
+    ``written`` (host floats) the value last written into
     ``param_groups`` for each entry, ``generation`` how often each was restarted by an outside write.
     """
+
+    ROWS = ("theta", "m", "v", "t", "peak", "fast")
 
     def __init__(self, entries: Sequence[Tuple[int, str]], values: Sequence[float],
                  states: Sequence[Mapping[str, float]], config: MetaConfig, device: torch.device) -> None:
@@ -282,19 +336,22 @@ class DeviceMeta:
         for index, name in self.entries:
             if name not in config.meta_lr:
                 raise ValueError(f"meta_lr has no value for {name!r} (tuned in param group {index})")
+        phases = [fast_start_phase(s) if config.fast(name) else (0.0, 0.0) for name, s in zip(names, states)]
         rows = [[float(v) for v in values], [float(s.get("m", 0.0)) for s in states],
-                [float(s.get("v", 0.0)) for s in states], [float(s.get("t", 0.0)) for s in states]]
+                [float(s.get("v", 0.0)) for s in states], [float(s.get("t", 0.0)) for s in states],
+                [peak for peak, _ in phases], [fast for _, fast in phases]]
         bounds = [config.bounds[name] for name in names]
         phi_bounds = [meta_bounds(name, b, config.space) for name, b in zip(names, bounds)]
         high_exact = [math.isfinite(high) and (config.space == "raw" or to_meta(name, high, config.space) <= LOG_SPACE_MAX)
                       for name, (_, high) in zip(names, bounds)]
-        constants = [[config.meta_lr[name] for name in names], [b[0] for b in bounds], [b[1] for b in bounds],
+        fast_lr = [config.fast_start if config.fast(name) else config.meta_lr[name] for name in names]
+        constants = [[config.meta_lr[name] for name in names], fast_lr, [b[0] for b in bounds], [b[1] for b in bounds],
                      [b[0] for b in phi_bounds], [b[1] for b in phi_bounds],
                      [float(exact) for exact in high_exact], [float(name == "momentum") for name in names],
                      [LOG_OFFSET.get(name, 0.0) for name in names]]
         # Built once (two host-to-device copies); every later operation stays on the device.
         self.state = torch.tensor(rows, dtype=torch.float64).to(device)
-        (self.meta_lr, self.low, self.high, self.phi_low, self.phi_high, high_exact_t, momentum_t,
+        (self.meta_lr, self.fast_lr, self.low, self.high, self.phi_low, self.phi_high, high_exact_t, momentum_t,
          self.offset) = torch.tensor(constants, dtype=torch.float64).to(device).unbind(0)
         self.high_exact, self.momentum = high_exact_t.bool(), momentum_t.bool()
         self.frozen = self.meta_lr == 0.0
@@ -310,7 +367,7 @@ class DeviceMeta:
     def restart(self, i: int, value: float) -> None:
         """Entry ``i`` was set from outside to ``value``: start from it with a fresh meta state."""
         self.state[0, i].fill_(value)
-        self.state[1:, i].zero_()
+        self.state[1:4, i].zero_()  # the moments; fast start's peak and phase stay
         self.written[i] = value
         self.generation[i] += 1
 
@@ -320,11 +377,12 @@ class DeviceMeta:
         return (torch.exp(phi * self.sign) - self.shift) * self.sign  # 1 / a = a = s
 
     def update(self, hypergradients: Tensor, loss: Tensor) -> Tensor:
-        """One hyper-step on the device; returns ``[state (4n), h (n), loss, finite input, committed]``.
+        """One hyper-step on the device; returns ``[state (6n), h (n), loss, finite input, committed]``.
 
         ``hypergradients`` (n,) and ``loss`` (0-d) are float64 tensors on the device.
         """
-        theta, m, v, t = self.state.unbind(0)
+        theta, m, v, t, peak, fast = self.state.unbind(0)
+        meta_lr = torch.where(fast == 1.0, self.fast_lr, self.meta_lr)  # fast start (no host read)
         h = hypergradients
         if self.config.space == "raw":
             grad, phi = h, theta
@@ -343,17 +401,19 @@ class DeviceMeta:
             v_new = b2 * v + (1.0 - b2) * grad * grad
             m_hat = m_new / (1.0 - torch.pow(b1, t_new))
             v_hat = v_new / (1.0 - torch.pow(b2, t_new))
-            phi_new = phi - self.meta_lr * m_hat / (torch.sqrt(v_hat) + self.config.eps)
+            phi_new = phi - meta_lr * m_hat / (torch.sqrt(v_hat) + self.config.eps)
         else:
             t_new, m_new, v_new = t, m, v
-            phi_new = phi - self.meta_lr * grad
+            phi_new = phi - meta_lr * grad
         at_low = phi_new <= self.phi_low
         at_high = phi_new >= self.phi_high
         theta_new = self._from_meta(torch.minimum(phi_new, self.phi_high)).clamp(self.low, self.high)
         theta_new = torch.where(at_high & self.high_exact, self.high, theta_new)
         theta_new = torch.where(at_low, self.low, theta_new)
         theta_new = torch.where(self.frozen, theta, theta_new)
-        new_state = torch.stack([theta_new, m_new, v_new, t_new])
+        peak_new = torch.maximum(peak, theta_new)
+        fast_new = torch.where(theta_new < FAST_START_DROP * peak_new, 0.0, fast)
+        new_state = torch.stack([theta_new, m_new, v_new, t_new, peak_new, fast_new])
         # x * 0 is 0 exactly when x is finite (inf * 0 and nan * 0 are nan), and a sum of zeros is 0 while
         # a sum with a nan is not: every value finite in 2-3 kernels instead of isfinite's 4 and all's one.
         finite_input = (loss * 0.0 + (h * 0.0).sum()) == 0.0

@@ -239,6 +239,16 @@ class OHO(Optimizer):
             they end every step exactly as one ordinary training step leaves them, and the validation
             closure leaves them untouched. Without it, each extra closure evaluation updates them again.
         foreach: use the ``torch._foreach_*`` path (default: when every parameter is on CUDA).
+        fast_start: ``None`` (default: off) or a meta learning rate ``a > 0`` for a faster first climb of
+            each tuned ``lr`` / ``lr_scale``: it is stepped with ``a`` instead of its ``meta_lr`` until its
+            value first falls below 0.9 times the largest value a hyper-step has given it
+            (:data:`ohotorch.meta.FAST_START_DROP`), then with ``meta_lr`` for the rest of the run (e.g.
+            ``fast_start=0.05`` with the default 0.02: from a small initial lr the climb is ~2.5 times
+            faster, while the lr settles at the configured pace). Weight decay and momentum are unaffected;
+            ``meta_lr = 0`` still freezes. The phase is per value and in the meta state (``state_dict``):
+            a resumed run continues exactly; a checkpoint without it (older, or made without fast_start)
+            resumes as done. Needs ``meta_optimizer="adam", space="log"``. Cost: a few scalar operations
+            per hyper-step, no host sync.
 
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
     the new starting point and its meta-optimizer state restarts (with a warning for lr, once per param
@@ -322,6 +332,7 @@ class OHO(Optimizer):
         average: Optional[float] = Options.average,
         module: Optional[nn.Module] = Options.module,
         foreach: Optional[bool] = Options.foreach,
+        fast_start: Optional[float] = Options.fast_start,
     ) -> None:
         check_torch_arguments(type(self).__name__, maximize=maximize, differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -330,7 +341,7 @@ class OHO(Optimizer):
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
                           discount=discount, growth_cap=growth_cap, average=average, module=module,
-                          foreach=foreach)
+                          foreach=foreach, fast_start=fast_start)
         self._setup(params, defaults, options)
 
     @property
@@ -1088,7 +1099,7 @@ class OHO(Optimizer):
         config = self._meta_config()
         config = meta.MetaConfig(meta_lr={**config.meta_lr, **meta_lrs}, optimizer=config.optimizer,
                                  betas=config.betas, eps=config.eps, space=config.space,
-                                 bounds={**config.bounds, **bounds})
+                                 bounds={**config.bounds, **bounds}, fast_start=config.fast_start)
         meta_state = {**self._bookkeeping.meta_state, **loss_states}
         groups = list(self.param_groups) + proxies
         outcome = meta.meta_update_(groups, everything, loss_value, meta_state, config)
@@ -1128,7 +1139,8 @@ class OHO(Optimizer):
 
     def _meta_config(self) -> meta.MetaConfig:
         return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
-                               eps=self.meta_eps, space=self.space, bounds=self.bounds)
+                               eps=self.meta_eps, space=self.space, bounds=self.bounds,
+                               fast_start=self.fast_start)
 
     # ------------------------------------------------------------------ state
     def _is_state_initialisation(self) -> bool:

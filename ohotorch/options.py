@@ -68,6 +68,7 @@ class Options:
     average: Optional[float] = None
     module: Optional[nn.Module] = None
     foreach: Optional[bool] = None
+    fast_start: Optional[float] = None
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -107,6 +108,16 @@ class Options:
         self.average = averaging.check_power(self.average)
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(self.module).__name__}")
+        if self.fast_start is not None:
+            fast = real(self.fast_start, "fast_start")
+            if not (math.isfinite(fast) and fast > 0.0):
+                raise ValueError(f"Invalid fast_start: {self.fast_start!r} (a meta learning rate > 0, or None)")
+            if (self.meta_optimizer, self.space) != ("adam", "log"):
+                raise ValueError(
+                    f"fast_start needs meta_optimizer='adam', space='log' (got {self.meta_optimizer!r}, "
+                    f"{self.space!r}): only there is a meta learning rate a relative step size, the same "
+                    "for every problem")
+            self.fast_start = fast
         self.meta_lr = _check_meta_lr(self.meta_lr, self.meta_optimizer, self.space)
         self.meta_betas = (float(beta1), float(beta2))
         self.meta_eps = float(self.meta_eps)

@@ -75,7 +75,9 @@ def restart_outside_writes(opt: "OHO") -> None:
         previous = device_meta.written[i]
         if value != previous:
             device_meta.restart(i, value)
-            opt._bookkeeping.meta_state.pop(f"{index}/{name}", None)
+            old = opt._bookkeeping.meta_state.pop(f"{index}/{name}", {})
+            if device_meta.config.fast(name) and old:  # fast start's phase outlives an outside write
+                opt._bookkeeping.meta_state[f"{index}/{name}"] = meta._fast_phase_state(old)
             if name == "lr":
                 opt._usage.warn_once(
                     f"lr/{index}",
@@ -96,7 +98,7 @@ def device_meta_for(opt: "OHO", entries: List[Tuple[int, str]], device: torch.de
         value = float(opt.param_groups[index][name])
         state = opt._bookkeeping.meta_state.get(f"{index}/{name}", {})
         if state.get("written", value) != value:  # set from outside since the last hyper-step
-            state = {}
+            state = meta._fast_phase_state(state)  # only fast start's phase (DeviceMeta ignores it when off)
         values.append(value)
         states.append(state)
     device_meta = meta.DeviceMeta(entries, values, states, opt._meta_config(), device)
@@ -158,24 +160,36 @@ def hyper_step(opt: "OHO", flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor
         stacked = torch.stack([h.double() for h in hs])
     packed = device_meta.update(stacked, loss_sum)
     n = len(entries)
+    rows = len(meta.DeviceMeta.ROWS)
+    config = device_meta.config
 
     def consume(values: List[float]) -> None:
         finite_input, committed = values[-2] == 1.0, values[-1] == 1.0
         outcome = (meta.COMMITTED if committed else
                    meta.NONFINITE_RESULT if finite_input else meta.NONFINITE_HYPERGRADIENT)
-        hypergradients = [(index, name, h) for (index, name), h in zip(entries, values[4 * n:5 * n])]
-        opt._report_hyper_step(outcome, hypergradients, values[5 * n])
+        hypergradients = [(index, name, h) for (index, name), h in zip(entries, values[rows * n:(rows + 1) * n])]
+        opt._report_hyper_step(outcome, hypergradients, values[(rows + 1) * n])
 
     def apply(values: List[float]) -> None:
         if values[-1] != 1.0:
             return
         for i, (index, name) in enumerate(entries):
-            if device_meta.generation[i] != generations[i] or opt.__dict__.get("_device_meta") is not device_meta:
-                continue  # set from outside after this hyper-step: the outside value stands
-            theta, m, v, t = values[i], values[n + i], values[2 * n + i], values[3 * n + i]
+            key = f"{index}/{name}"
+            theta, m, v, t, peak, fast = (values[row * n + i] for row in range(rows))
+            if opt.__dict__.get("_device_meta") is not device_meta:
+                continue
+            if device_meta.generation[i] != generations[i]:
+                # set from outside after this hyper-step: the outside value stands, fast start's phase
+                # (kept by the device across the restart) follows the device
+                if config.fast(name) and key in opt._bookkeeping.meta_state:
+                    opt._bookkeeping.meta_state[key].update(peak=peak, fast=fast)
+                continue
             opt.param_groups[index][name] = theta
             device_meta.written[i] = theta
-            opt._bookkeeping.meta_state[f"{index}/{name}"] = {"m": m, "v": v, "t": t, "written": theta}
+            state = {"m": m, "v": v, "t": t, "written": theta}
+            if config.fast(name):
+                state.update(peak=peak, fast=fast)
+            opt._bookkeeping.meta_state[key] = state
         opt._publish_hyperparameters()
 
     deferred(opt).add(Record(opt._bookkeeping.steps, Readback(packed), consume, apply))

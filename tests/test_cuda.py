@@ -66,6 +66,9 @@ SYNC_FREE = {
     "full_growth_cap_average": lambda m: ohotorch.OHO(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3,
                                                       module=m, discount=1.0, growth_cap=1.0, average=3.0),
     "adamw_greedy_average": lambda m: ohotorch.OHOAdamW(m.parameters(), lr=1e-3, module=m, average=3.0),
+    "greedy_fast_start": lambda m: ohotorch.OHO(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, module=m,
+                                                fast_start=0.05),
+    "adamw_fast_start": lambda m: ohotorch.OHOAdamW(m.parameters(), lr=1e-3, module=m, fast_start=0.05),
 }
 
 

@@ -1,0 +1,288 @@
+"""fast_start: the lr's (and lr_scale's) fast first climb, on the host and device meta-updates, through
+the optimizer (both paths), state_dict, outside writes and non-finite hyper-steps."""
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+
+import ohotorch
+from ohotorch import meta
+from ohotorch.options import Options
+from helpers import batches, closures, digits, mlp
+
+FAST = 0.05
+SLOW = 0.02
+CONFIG = meta.MetaConfig(meta_lr={name: SLOW for name in meta.HYPERPARAMETERS}, optimizer="adam",
+                         betas=(0.9, 0.999), eps=1e-15, space="log", bounds=dict(meta.DEFAULT_BOUNDS),
+                         fast_start=FAST)
+# lr climbs for 10 hyper-steps, falls for 12 (crossing 0.9 x its peak on the way), then climbs again
+H_SEQUENCE = [-1.0] * 10 + [1.0] * 12 + [-1.0] * 30
+
+
+def _expected_step(theta, h, adam, lr):
+    """The value one log-space meta-Adam step with meta learning rate ``lr`` gives (``adam`` updated)."""
+    phi = meta.to_meta("lr", theta, "log")
+    new_phi = meta.meta_adam_step(phi, h * meta.meta_derivative("lr", theta, "log"), adam, lr=lr,
+                                  betas=CONFIG.betas, eps=CONFIG.eps)
+    return meta.project(meta.from_meta("lr", new_phi, "log"), CONFIG.bounds["lr"])
+
+
+def test_phase_switches_once_when_the_value_first_falls_below_0p9_of_its_peak():
+    """Before the switch every step is the fast meta lr's Adam step, after it the configured one's;
+    the switch is the first hyper-step whose value is below FAST_START_DROP x the running maximum, and
+    the fast phase never returns (the value later climbs past its old peak)."""
+    groups = [{"lr": 1e-3, "weight_decay": 1e-4}]
+    state, adam = {}, {}
+    theta, peak, fast, switched_at = 1e-3, 0.0, True, None
+    for k, h in enumerate(H_SEQUENCE):
+        expected = _expected_step(theta, h, adam, FAST if fast else SLOW)
+        assert meta.meta_update_(groups, [(0, "lr", h)], 1.0, state, CONFIG) == meta.COMMITTED
+        assert groups[0]["lr"] == expected, k  # bit for bit: the meta lr of the phase before this step
+        theta = expected
+        peak = max(peak, theta)
+        if fast and theta < meta.FAST_START_DROP * peak:
+            fast, switched_at, peak_at_switch = False, k, peak
+        elif fast:
+            assert theta >= meta.FAST_START_DROP * peak
+        assert state["0/lr"]["peak"] == peak and state["0/lr"]["fast"] == float(fast), k
+    assert switched_at is not None and 10 < switched_at < 22
+    assert groups[0]["lr"] > peak_at_switch and state["0/lr"]["fast"] == 0.0  # climbed past it: still done
+    # the first fast steps move phi by the fast meta lr (Adam's first step is lr * sign)
+    probe = [{"lr": 1e-3}]
+    meta.meta_update_(probe, [(0, "lr", -1.0)], 1.0, {}, CONFIG)
+    assert math.log(probe[0]["lr"] + 1e-8) - math.log(1e-3 + 1e-8) == pytest.approx(FAST, rel=1e-9)
+
+
+def test_other_hyperparameters_and_lr_scale():
+    """weight decay and momentum step with meta_lr as without fast_start; lr_scale is fast like lr."""
+    start = {"lr_scale": 1.0, "weight_decay": 1e-4, "momentum": 0.5}
+    plain = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start": None})
+    hs = [(0, name, -1.0) for name in start]
+    with_fast, without = [dict(start)], [dict(start)]
+    state_fast, state_plain = {}, {}
+    meta.meta_update_(with_fast, hs, 1.0, state_fast, CONFIG)
+    meta.meta_update_(without, hs, 1.0, state_plain, plain)
+    for name in ("weight_decay", "momentum"):
+        assert with_fast[0][name] == without[0][name]
+        assert state_fast[f"0/{name}"] == state_plain[f"0/{name}"]  # no fast start state either
+    assert math.log(with_fast[0]["lr_scale"] + 1e-8) - math.log(1.0 + 1e-8) == pytest.approx(FAST, rel=1e-9)
+    assert state_fast["0/lr_scale"]["fast"] == 1.0
+
+
+def test_none_leaves_values_and_meta_state_as_before():
+    """fast_start=None: no new meta state keys; fast_start equal to meta_lr: the same values as None."""
+    plain = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start": None})
+    same = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start": SLOW})
+    runs = []
+    for config in (plain, same):
+        groups, state = [{"lr": 1e-3, "weight_decay": 1e-4}], {}
+        for h in H_SEQUENCE:
+            meta.meta_update_(groups, [(0, "lr", h), (0, "weight_decay", -h)], 1.0, state, config)
+        runs.append((groups, state))
+    assert runs[0][0] == runs[1][0]
+    assert set(runs[0][1]["0/lr"]) == {"m", "v", "t", "written"}
+    assert set(runs[1][1]["0/lr"]) == {"m", "v", "t", "written", "peak", "fast"}
+
+
+def test_outside_write_restarts_the_moments_and_keeps_the_phase():
+    groups, state = [{"lr": 1e-3}], {}
+    for h in H_SEQUENCE[:3]:
+        meta.meta_update_(groups, [(0, "lr", h)], 1.0, state, CONFIG)
+    peak = state["0/lr"]["peak"]
+    groups[0]["lr"] = 2e-3  # from outside, above the peak: still fast
+    with pytest.warns(UserWarning, match="changed from outside"):
+        meta.meta_update_(groups, [(0, "lr", -1.0)], 1.0, state, CONFIG)
+    assert state["0/lr"]["t"] == 1.0 and state["0/lr"]["fast"] == 1.0 and state["0/lr"]["peak"] > peak
+    assert math.log(groups[0]["lr"] + 1e-8) - math.log(2e-3 + 1e-8) == pytest.approx(FAST, rel=1e-9)
+    groups[0]["lr"] = 1e-4  # far below the peak: this hyper-step (still fast) ends the phase
+    with pytest.warns(UserWarning, match="changed from outside"):
+        meta.meta_update_(groups, [(0, "lr", -1.0)], 1.0, state, CONFIG)
+    assert state["0/lr"]["fast"] == 0.0 and state["0/lr"]["t"] == 1.0
+
+
+def test_meta_state_without_the_phase_counts_as_done():
+    """An older checkpoint's meta state (no peak / fast): the configured meta lr from the first step."""
+    assert meta.fast_start_phase({}) == (0.0, 1.0)
+    assert meta.fast_start_phase({"m": 0.1, "v": 0.01, "t": 3.0, "written": 1e-3}) == (0.0, 0.0)
+    groups = [{"lr": 1e-3}]
+    state = {"0/lr": {"m": 0.0, "v": 0.0, "t": 0.0, "written": 1e-3}}
+    meta.meta_update_(groups, [(0, "lr", -1.0)], 1.0, state, CONFIG)
+    assert math.log(groups[0]["lr"] + 1e-8) - math.log(1e-3 + 1e-8) == pytest.approx(SLOW, rel=1e-9)
+    assert state["0/lr"]["fast"] == 0.0
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_non_finite_hyper_step_changes_no_phase(bad):
+    groups, state = [{"lr": 1e-3}], {}
+    for h in H_SEQUENCE[:14]:
+        meta.meta_update_(groups, [(0, "lr", h)], 1.0, state, CONFIG)
+    before, value = copy.deepcopy(state), groups[0]["lr"]
+    assert meta.meta_update_(groups, [(0, "lr", bad)], 1.0, state, CONFIG) == meta.NONFINITE_HYPERGRADIENT
+    assert state == before and groups[0]["lr"] == value
+    dm = meta.DeviceMeta([(0, "lr")], [value], [before["0/lr"]], CONFIG, torch.device("cpu"))
+    rows = dm.state.clone()
+    packed = dm.update(torch.tensor([bad], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).tolist()
+    assert packed[-1] == 0.0 and torch.equal(dm.state, rows)
+
+
+def test_device_meta_matches_the_host_meta_update():
+    """The same hypergradients through meta_update_ and DeviceMeta: the same values (to rounding of
+    exp / log), the same peaks and the same phase at every step, through a switch, a frozen value
+    (meta_lr = 0), a non-finite step and an outside write."""
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {**CONFIG.meta_lr, "momentum": 0.0}})
+    entries = [(0, "lr"), (0, "weight_decay"), (1, "lr_scale"), (1, "momentum")]
+    groups = [{"lr": 1e-3, "weight_decay": 1e-4}, {"lr_scale": 1.0, "momentum": 0.9}]
+    dm = meta.DeviceMeta(entries, [groups[i][n] for i, n in entries], [{} for _ in entries], config,
+                         torch.device("cpu"))
+    n, rows = len(entries), len(meta.DeviceMeta.ROWS)
+    state, switched = {}, 0
+    for k, h in enumerate(H_SEQUENCE):
+        hs = [h, -h, 0.5 * h, h]
+        loss = math.nan if k == 12 else 1.0
+        if k == 25:  # an outside write of lr: the device restarts it and keeps its phase
+            groups[0]["lr"] *= 0.5
+            dm.restart(0, groups[0]["lr"])
+        with pytest.warns(UserWarning) if k == 25 else contextlib.nullcontext():
+            outcome = meta.meta_update_(groups, [(i, name, v) for (i, name), v in zip(entries, hs)], loss,
+                                        state, config)
+        packed = dm.update(torch.tensor(hs, dtype=torch.float64), torch.tensor(loss, dtype=torch.float64)).tolist()
+        assert (packed[-1] == 1.0) == (outcome == meta.COMMITTED)
+        for j, (i, name) in enumerate(entries):
+            assert math.isclose(packed[j], groups[i][name], rel_tol=1e-12), (k, name)
+            if config.fast(name):
+                saved = state[f"{i}/{name}"]
+                assert math.isclose(packed[4 * n + j], saved["peak"], rel_tol=1e-12), (k, name)
+                assert packed[5 * n + j] == saved["fast"], (k, name)
+                switched += saved["fast"] == 0.0
+    assert rows == 6 and groups[1]["momentum"] == 0.9 and switched > 0
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.05, math.inf, math.nan])
+def test_bad_values_are_refused(bad):
+    with pytest.raises(ValueError, match="Invalid fast_start"):
+        Options(fast_start=bad)
+    with pytest.raises(ValueError, match="Invalid fast_start"):
+        ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=bad)
+
+
+def test_wrong_types_and_meta_optimizers_are_refused():
+    for bad in ("0.05", True, torch.tensor(0.05)):
+        with pytest.raises(TypeError, match="fast_start"):
+            Options(fast_start=bad)
+    for kwargs in ({"meta_optimizer": "sgd", "meta_lr": 1e-3}, {"space": "raw", "meta_lr": 1e-3}):
+        with pytest.raises(ValueError, match="fast_start needs meta_optimizer='adam', space='log'"):
+            ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=0.05, **kwargs)
+    assert Options(fast_start=1).fast_start == 1.0
+
+
+def _train(opt, model, steps, start=0):
+    xt, yt, xv, yv = digits()
+    val = closures(opt, model, (xv[:128], yv[:128]))
+    hypers = []
+    for b in batches(xt, yt, 32, start + steps)[start:]:
+        opt.step(closures(opt, model, b))
+        hypers.append({k: float(v) for k, v in opt.hyper_step(val)[0].items()})
+    return hypers
+
+
+def _make(sync_free=False, **kw):
+    model = mlp()
+    opt = ohotorch.OHO(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3, fast_start=0.3, **kw)
+    opt._sync_free = sync_free
+    return model, opt
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_resume_continues_bit_exactly(sync_free):
+    model, opt = _make(sync_free)
+    _train(opt, model, 6)
+    saved = copy.deepcopy(opt.state_dict())
+    assert {"peak", "fast"} <= set(saved["oho"]["meta_state"]["0/lr"])
+    assert "peak" not in saved["oho"]["meta_state"]["0/weight_decay"]
+    model2, opt2 = _make(sync_free)
+    model2.load_state_dict(copy.deepcopy(model.state_dict()))
+    opt2.load_state_dict(saved)
+    _train(opt, model, 6, start=6)
+    _train(opt2, model2, 6, start=6)
+    assert opt.state_dict()["oho"]["meta_state"] == opt2.state_dict()["oho"]["meta_state"]
+    assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_sync_free_settles_the_host_meta_updates_phase():
+    """The forced sync-free path (CUDA's, on CPU): its settled values and phase are the host
+    meta-update's of the same hypergradients, through the switch."""
+    model, opt = _make(sync_free=True)
+    hypers = _train(opt, model, 20)
+    settled = opt.state_dict()["oho"]["meta_state"]
+    groups, state = [{"lr": 0.01, "weight_decay": 1e-3}], {}
+    for hyper in hypers:
+        meta.meta_update_(groups, [(0, name, hyper[name]) for name in ("lr", "weight_decay")], 1.0, state,
+                          opt._meta_config())
+    assert math.isclose(opt.param_groups[0]["lr"], groups[0]["lr"], rel_tol=1e-10)
+    assert math.isclose(settled["0/lr"]["peak"], state["0/lr"]["peak"], rel_tol=1e-10)
+    assert settled["0/lr"]["fast"] == state["0/lr"]["fast"]
+    assert set(settled["0/weight_decay"]) == {"m", "v", "t", "written"}
+
+
+def test_sync_free_outside_write_keeps_the_phase_in_the_checkpoint():
+    """An outside write on the sync-free path (with hyper-steps still pending): the saved meta state of
+    that value is the device's phase alone (its moments restart), and a resumed run continues exactly."""
+    model, opt = _make(sync_free=True)
+    _train(opt, model, 4)
+    opt.param_groups[0]["lr"] = 0.004  # from outside, before the pending results are read
+    with pytest.warns(UserWarning, match="changed from outside"):
+        saved = copy.deepcopy(opt.state_dict())
+    device_rows = opt._device_meta.state[4:, 0].tolist()
+    assert saved["oho"]["meta_state"]["0/lr"] == {"peak": device_rows[0], "fast": device_rows[1]}
+    assert device_rows[0] > 0.01 and opt._device_meta.state[3, 0] == 0.0  # a peak kept, the moments restarted
+    model2, opt2 = _make(sync_free=True)
+    model2.load_state_dict(copy.deepcopy(model.state_dict()))
+    opt2.load_state_dict(saved)
+    _train(opt, model, 5, start=4)
+    _train(opt2, model2, 5, start=4)
+    assert opt.state_dict()["oho"]["meta_state"] == opt2.state_dict()["oho"]["meta_state"]
+    assert opt.state_dict()["oho"]["meta_state"]["0/lr"]["fast"] == 0.0  # 0.004 < 0.9 x the peak
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    # an outside write after loading (the device copy is rebuilt from the checkpoint): the phase stays too
+    model3, opt3 = _make(sync_free=True)
+    before = copy.deepcopy(opt2.state_dict())
+    opt3.load_state_dict(before)
+    opt3.param_groups[0]["lr"] = 1e-4
+    _train(opt3, model3, 1)
+    after = opt3.state_dict()["oho"]["meta_state"]["0/lr"]
+    assert after["peak"] == before["oho"]["meta_state"]["0/lr"]["peak"] and after["fast"] == 0.0
+
+
+def test_old_checkpoint_loads_as_done():
+    model, opt = _make()
+    _train(opt, model, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    for slot in saved["oho"]["meta_state"].values():
+        slot.pop("peak", None), slot.pop("fast", None)
+    model2, opt2 = _make()
+    opt2.load_state_dict(saved)
+    lr = opt2.param_groups[0]["lr"]
+    hyper = _train(opt2, model2, 1)[0]
+    adam = {k: saved["oho"]["meta_state"]["0/lr"][k] for k in ("m", "v", "t")}
+    assert opt2.param_groups[0]["lr"] == _expected_step(lr, hyper["lr"], adam, 0.02)
+    assert opt2.state_dict()["oho"]["meta_state"]["0/lr"]["fast"] == 0.0
+
+
+def test_none_is_bit_identical_through_the_optimizer():
+    """fast_start=None against fast_start equal to the default meta_lr: the same run bit for bit, and
+    None's state_dict carries no fast start state."""
+    runs = []
+    for fast in (None, 0.02):
+        model = mlp()
+        opt = ohotorch.OHO(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3, fast_start=fast)
+        _train(opt, model, 5)
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert o1.param_groups[0]["lr"] == o2.param_groups[0]["lr"]
+    assert set(o1.state_dict()["oho"]["meta_state"]["0/lr"]) == {"m", "v", "t", "written"}
