@@ -56,10 +56,10 @@ import torch
 from torch import Tensor
 
 from .finite_differences import BufferSnapshot
-from .influence import tangent_slice
+from .influence import slices_at
 
 __all__ = ["check_power", "weight", "lerp_", "update_", "init_state_", "zero_tangent_", "tangent_view",
-           "swapped", "storage", "refuse_inside_averaged"]
+           "swapped", "refuse_inside_averaged"]
 
 AVERAGE = "average_w"
 AVERAGE_TANGENT = "average_tangent_w"
@@ -143,7 +143,7 @@ def update_(params: Sequence[Tensor], state: Mapping[Tensor, MutableMapping[str,
 
 def zero_tangent_(states: Sequence[Mapping[str, Any]], index: int) -> None:
     """Zero the averaged tangent ``index`` (with the tangent's reset for a non-finite value)."""
-    slices = [tangent_slice(s[AVERAGE_TANGENT], index) for s in states if AVERAGE_TANGENT in s]
+    slices = slices_at([s[AVERAGE_TANGENT] for s in states if AVERAGE_TANGENT in s], index)
     if slices:
         torch._foreach_zero_(slices)
 
@@ -181,13 +181,6 @@ def swapped(params: Sequence[Tensor], state: Mapping[Tensor, Mapping[str, Any]],
     finally:
         with torch.no_grad():
             saved.restore()
-
-
-def storage(opt: Any) -> List[Tensor]:
-    """The memory the hypergradient's :func:`swapped` keeps the weights in: that of the Hessian-vector
-    products' weight copy (never in use while a validation closure runs), so no extra memory is held
-    between steps where the step perturbs the weights (a horizon longer than greedy)."""
-    return opt.__dict__.setdefault("_buffer_storage", {}).setdefault("weights", [])
 
 
 def refuse_inside_averaged(opt: Any) -> None:

@@ -1081,7 +1081,9 @@ class OHO(Optimizer):
         """With ``average``: the parameters hold the averaged weights inside (for the validation closure)."""
         if self.average is None:
             return contextlib.nullcontext()
-        return averaging.swapped(params, self.state, averaging.storage(self))  # no HVP runs meanwhile
+        # the Hessian-vector products' weight copy lends its memory (never in use while a validation
+        # closure runs): no extra memory held between steps where the step perturbs the weights
+        return averaging.swapped(params, self.state, self._storage("weights"))
 
     def _loss_hyper_step(self, flat: List[Tuple[int, str, Tensor]], loss: Any) -> None:
         """The host meta-update of the param groups' values and the loss hyperparameters together, all or
