@@ -41,7 +41,8 @@ class OHOAdam(OHO):
             when asked (see :class:`ohotorch.OHO`).
         **options: OHO's meta-update and influence options (``meta_lr``, ``meta_optimizer``, ``space``,
             ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``compute_dtype``, ``reset_every``, ``discount``,
-            ``growth_cap``, ``average``, ``module``, ``foreach``), with OHO's defaults (:class:`ohotorch.options.Options`).
+            ``growth_cap``, ``average``, ``module``, ``foreach``, ``fast_start``, ``fast_start_loss_drop``), with
+            OHO's defaults (:class:`ohotorch.options.Options`).
 
     Guarantees, refusals and warnings as :class:`ohotorch.OHO` (strong exception safety of ``step()``).
     **Copies:** ``copy.deepcopy``, ``pickle`` and ``torch.save`` keep every option and continue exactly

@@ -37,12 +37,24 @@ new value are finite.
 **Fast start** (``fast_start``, off by default). Meta-Adam in log space moves a value by at most about
 its meta learning rate (relatively) per hyper-step, so from a small initial lr the climb is slow. With
 ``fast_start = a``, each tuned ``lr`` / ``lr_scale`` is stepped with meta learning rate ``a`` instead of
-its ``meta_lr`` until its value first falls below :data:`FAST_START_DROP` (0.9) times the largest value
-a hyper-step has given it; from the next hyper-step on, for the rest of the run, its ``meta_lr``. Its
-meta state holds ``"peak"`` (that running maximum) and ``"fast"`` (1.0 while fast, 0.0 once done; never
-fast again); an outside write restarts the moments but keeps both, and a meta state without them (an
-older checkpoint, or one made without ``fast_start``) counts as done. ``meta_lr = 0`` still freezes the
-value. Other hyperparameters are unaffected. Cost: a few scalar operations per hyper-step.
+its ``meta_lr`` while it is in its fast phase. The phase ends, for the rest of the run, at the first
+hyper-step after which either
+
+* the value is below :data:`FAST_START_DROP` (0.9) times the largest value a hyper-step has given it
+  (the climb has turned), or
+* (``fast_start_loss_drop = d``, default 0.05) the hyper-step loss has fallen by the fraction ``d``:
+  with :math:`\bar\ell_n = 0.9\,\bar\ell_{n-1} + 0.1\,\ell_n` (:math:`\bar\ell_1 = \ell_1`) over the
+  validation losses of the committed hyper-steps, from the :data:`FAST_START_WARMUP` + 1-th on,
+  :math:`\bar\ell_n < \bar\ell_1 - d\,|\bar\ell_1|`.
+
+The second rule is a guard: a value that climbs fast while the model still sits on its initial plateau
+(where a larger step barely changes the loss) would overshoot when the plateau ends, and the loss leaving
+its first level is the sign that it has. Its meta state holds ``"peak"`` (the running maximum), ``"fast"``
+(1.0 while fast, 0.0 once done; never fast again) and the loss average ``"loss_ema"``, its first value
+``"loss_first"`` and count ``"loss_n"``; an outside write restarts the moments but keeps all five, and a
+meta state without them (an older checkpoint, or one made without ``fast_start``) counts as done (a state
+with the phase but without the loss average starts the average afresh). ``meta_lr = 0`` still freezes
+the value. Other hyperparameters are unaffected. Cost: a few scalar operations per hyper-step.
 """
 from __future__ import annotations
 
@@ -77,6 +89,9 @@ __all__ = [
     "DeviceMeta",
     "FAST_START_DROP",
     "FAST_START_NAMES",
+    "FAST_START_LOSS_EMA",
+    "FAST_START_WARMUP",
+    "FAST_START_PHASE_KEYS",
     "fast_start_phase",
 ]
 
@@ -116,25 +131,49 @@ META_V_GROWTH = 0.4
 LOG_SPACE_MAX = math.log(torch.finfo(torch.float32).max)
 
 # Fast start (module docstring): the fast phase of a value ends when it first falls below this fraction
-# of its running maximum; the names it applies to.
+# of its running maximum, or once the hyper-step loss's average (this smoothing) has fallen by
+# fast_start_loss_drop, tested from the hyper-step after the warm-up on; the names it applies to.
 FAST_START_DROP = 0.9
+FAST_START_LOSS_EMA = 0.9
+FAST_START_WARMUP = 10
 FAST_START_NAMES: Tuple[str, ...] = ("lr", "lr_scale")
+FAST_START_PHASE_KEYS: Tuple[str, ...] = ("peak", "fast", "loss_ema", "loss_first", "loss_n")
 
 
-def fast_start_phase(state: Mapping[str, float]) -> Tuple[float, float]:
-    """``(peak, fast)`` of a meta state: its own, else fast from 0 for a fresh (empty) state, else done
-    (a meta state kept without them: an older checkpoint, or a run that started without fast_start)."""
+def fast_start_phase(state: Mapping[str, float]) -> Dict[str, float]:
+    """The fast-start phase of a meta state (:data:`FAST_START_PHASE_KEYS`): its own (a missing loss
+    average starts afresh), else fast from nothing for a fresh (empty) state, else done (a meta state
+    kept without it: an older checkpoint, or a run that started without fast_start)."""
     if "fast" in state:
-        return float(state["peak"]), float(state["fast"])
-    return (0.0, 0.0) if state else (0.0, 1.0)
+        return {key: float(state.get(key, 0.0)) for key in FAST_START_PHASE_KEYS}
+    phase = dict.fromkeys(FAST_START_PHASE_KEYS, 0.0)
+    phase["fast"] = 0.0 if state else 1.0
+    return phase
 
 
 def _fast_phase_state(state: Mapping[str, float]) -> Dict[str, float]:
     """What an outside write keeps of a meta state with fast start on: the phase, not the moments."""
     if not state:
         return {}
-    peak, fast = fast_start_phase(state)
-    return {"peak": peak, "fast": fast}
+    return fast_start_phase(state)
+
+
+def _fast_start_next(phase: Mapping[str, float], theta: float, loss: float,
+                     loss_drop: Optional[float]) -> Dict[str, float]:
+    """The phase after a committed hyper-step that gave ``theta`` with validation loss ``loss``."""
+    peak = max(phase["peak"], theta)
+    n = phase["loss_n"] + 1.0
+    if n == 1.0:
+        ema = first = loss
+    else:
+        ema = FAST_START_LOSS_EMA * phase["loss_ema"] + (1.0 - FAST_START_LOSS_EMA) * loss
+        first = phase["loss_first"]
+    fast = phase["fast"]
+    if theta < FAST_START_DROP * peak:
+        fast = 0.0
+    if loss_drop is not None and n > FAST_START_WARMUP and ema < first - loss_drop * abs(first):
+        fast = 0.0
+    return {"peak": peak, "fast": fast, "loss_ema": ema, "loss_first": first, "loss_n": n}
 
 
 def to_meta(name: str, theta: float, space: str) -> float:
@@ -236,6 +275,7 @@ class MetaConfig:
     space: str  # "log" or "raw"
     bounds: Mapping[str, Tuple[float, float]]
     fast_start: Optional[float] = None  # the meta learning rate of lr / lr_scale while fast (docstring)
+    fast_start_loss_drop: Optional[float] = None  # the loss guard's fraction d (docstring); None: no guard
 
     def fast(self, name: str) -> bool:
         """Whether fast start applies to ``name``."""
@@ -258,7 +298,7 @@ def meta_update_(
 
     ``hypergradients`` lists ``(group index, name, dL/dtheta)``; ``meta_state`` maps ``"g/name"`` to
     the meta-optimizer state of that value (Adam's m, v, t and ``"written"``, the value this function
-    last wrote; with ``config.fast_start``, ``"peak"`` and ``"fast"`` for lr and lr_scale). Returns
+    last wrote; with ``config.fast_start``, the phase (:data:`FAST_START_PHASE_KEYS`) for lr and lr_scale). Returns
     :data:`COMMITTED`, or :data:`NONFINITE_HYPERGRADIENT` / :data:`NONFINITE_RESULT` when it changed
     nothing at all (neither values nor state).
     """
@@ -287,9 +327,10 @@ def meta_update_(
         grad = h * meta_derivative(name, theta, config.space)
         lr = config.meta_lr[name]
         if config.fast(name):
-            peak, fast = fast_start_phase(original)
-            state.pop("peak", None), state.pop("fast", None)  # set below, after the step
-            if fast == 1.0:
+            phase = fast_start_phase(original)
+            for key in FAST_START_PHASE_KEYS:
+                state.pop(key, None)  # set below, after the step
+            if phase["fast"] == 1.0:
                 lr = config.fast_start  # type: ignore[assignment]
         if config.optimizer == "adam":
             new_phi = meta_adam_step(phi, grad, state, lr=lr, betas=config.betas, eps=config.eps)
@@ -299,9 +340,7 @@ def meta_update_(
         if config.meta_lr[name] == 0.0:
             new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
         if config.fast(name):
-            peak = max(peak, new_theta)
-            state["peak"] = peak
-            state["fast"] = 0.0 if new_theta < FAST_START_DROP * peak else fast
+            state.update(_fast_start_next(phase, new_theta, loss, config.fast_start_loss_drop))
         proposals.append((index, name, new_theta, state))
     if not all(math.isfinite(theta) and all(math.isfinite(v) for v in state.values())
                for _, _, theta, state in proposals):
@@ -319,14 +358,14 @@ class DeviceMeta:
     The same arithmetic as :func:`meta_update_` (map, clip, Adam or SGD, clamp in meta space,
     projection, all or nothing) as a fixed sequence of tensor ops: :meth:`update` never reads a value
     on the host. ``entries`` lists ``(group index, name)``; ``values`` their current values; ``states``
-    their meta-optimizer states (keys m, v, t, and peak, fast for fast start; empty for a fresh start).
-    ``state`` is one ``(6, n)`` tensor, rows theta, m, v, t, peak, fast (:data:`ROWS`; peak and fast
-    are 0 for an entry without fast start, whose meta learning rate is then always its ``meta_lr``);
+    their meta-optimizer states (keys m, v, t, and fast start's phase; empty for a fresh start).
+    ``state`` is one ``(9, n)`` tensor, rows theta, m, v, t and the phase (:data:`ROWS`; all 0 for an
+    entry without fast start, whose meta learning rate is then always its ``meta_lr``);
     ``written`` (host floats) the value last written into
     ``param_groups`` for each entry, ``generation`` how often each was restarted by an outside write.
     """
 
-    ROWS = ("theta", "m", "v", "t", "peak", "fast")
+    ROWS = ("theta", "m", "v", "t") + FAST_START_PHASE_KEYS
 
     def __init__(self, entries: Sequence[Tuple[int, str]], values: Sequence[float],
                  states: Sequence[Mapping[str, float]], config: MetaConfig, device: torch.device) -> None:
@@ -336,10 +375,11 @@ class DeviceMeta:
         for index, name in self.entries:
             if name not in config.meta_lr:
                 raise ValueError(f"meta_lr has no value for {name!r} (tuned in param group {index})")
-        phases = [fast_start_phase(s) if config.fast(name) else (0.0, 0.0) for name, s in zip(names, states)]
+        phases = [fast_start_phase(s) if config.fast(name) else dict.fromkeys(FAST_START_PHASE_KEYS, 0.0)
+                  for name, s in zip(names, states)]
         rows = [[float(v) for v in values], [float(s.get("m", 0.0)) for s in states],
                 [float(s.get("v", 0.0)) for s in states], [float(s.get("t", 0.0)) for s in states],
-                [peak for peak, _ in phases], [fast for _, fast in phases]]
+                *[[phase[key] for phase in phases] for key in FAST_START_PHASE_KEYS]]
         bounds = [config.bounds[name] for name in names]
         phi_bounds = [meta_bounds(name, b, config.space) for name, b in zip(names, bounds)]
         high_exact = [math.isfinite(high) and (config.space == "raw" or to_meta(name, high, config.space) <= LOG_SPACE_MAX)
@@ -367,7 +407,7 @@ class DeviceMeta:
     def restart(self, i: int, value: float) -> None:
         """Entry ``i`` was set from outside to ``value``: start from it with a fresh meta state."""
         self.state[0, i].fill_(value)
-        self.state[1:4, i].zero_()  # the moments; fast start's peak and phase stay
+        self.state[1:4, i].zero_()  # the moments; fast start's phase stays
         self.written[i] = value
         self.generation[i] += 1
 
@@ -381,7 +421,7 @@ class DeviceMeta:
 
         ``hypergradients`` (n,) and ``loss`` (0-d) are float64 tensors on the device.
         """
-        theta, m, v, t, peak, fast = self.state.unbind(0)
+        theta, m, v, t, peak, fast, loss_ema, loss_first, loss_n = self.state.unbind(0)
         meta_lr = torch.where(fast == 1.0, self.fast_lr, self.meta_lr)  # fast start (no host read)
         h = hypergradients
         if self.config.space == "raw":
@@ -411,9 +451,18 @@ class DeviceMeta:
         theta_new = torch.where(at_high & self.high_exact, self.high, theta_new)
         theta_new = torch.where(at_low, self.low, theta_new)
         theta_new = torch.where(self.frozen, theta, theta_new)
+        # fast start's phase (_fast_start_next, on the device)
         peak_new = torch.maximum(peak, theta_new)
-        fast_new = torch.where(theta_new < FAST_START_DROP * peak_new, 0.0, fast)
-        new_state = torch.stack([theta_new, m_new, v_new, t_new, peak_new, fast_new])
+        n_new = loss_n + 1.0
+        first_time = n_new == 1.0
+        ema_new = torch.where(first_time, loss, FAST_START_LOSS_EMA * loss_ema + (1.0 - FAST_START_LOSS_EMA) * loss)
+        first_new = torch.where(first_time, loss, loss_first)
+        turned = theta_new < FAST_START_DROP * peak_new
+        drop = self.config.fast_start_loss_drop
+        if drop is not None:
+            turned = turned | ((n_new > FAST_START_WARMUP) & (ema_new < first_new - drop * first_new.abs()))
+        fast_new = torch.where(turned, 0.0, fast)
+        new_state = torch.stack([theta_new, m_new, v_new, t_new, peak_new, fast_new, ema_new, first_new, n_new])
         # x * 0 is 0 exactly when x is finite (inf * 0 and nan * 0 are nan), and a sum of zeros is 0 while
         # a sum with a nan is not: every value finite in 2-3 kernels instead of isfinite's 4 and all's one.
         finite_input = (loss * 0.0 + (h * 0.0).sum()) == 0.0

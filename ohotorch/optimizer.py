@@ -249,6 +249,11 @@ class OHO(Optimizer):
             a resumed run continues exactly; a checkpoint without it (older, or made without fast_start)
             resumes as done. Needs ``meta_optimizer="adam", space="log"``. Cost: a few scalar operations
             per hyper-step, no host sync.
+        fast_start_loss_drop: with ``fast_start``, the fast phase also ends once the validation loss of
+            the hyper-steps (an exponential average with factor 0.9, tested from the 11th hyper-step on)
+            has fallen by this fraction below its first value (default 0.05; ``None``: only the lr's
+            turn ends it). A guard: a climb that continues while the model leaves its initial plateau
+            overshoots (:mod:`ohotorch.meta` has the rule).
 
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
     the new starting point and its meta-optimizer state restarts (with a warning for lr, once per param
@@ -333,6 +338,7 @@ class OHO(Optimizer):
         module: Optional[nn.Module] = Options.module,
         foreach: Optional[bool] = Options.foreach,
         fast_start: Optional[float] = Options.fast_start,
+        fast_start_loss_drop: Optional[float] = Options.fast_start_loss_drop,
     ) -> None:
         check_torch_arguments(type(self).__name__, maximize=maximize, differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -341,7 +347,7 @@ class OHO(Optimizer):
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
                           discount=discount, growth_cap=growth_cap, average=average, module=module,
-                          foreach=foreach, fast_start=fast_start)
+                          foreach=foreach, fast_start=fast_start, fast_start_loss_drop=fast_start_loss_drop)
         self._setup(params, defaults, options)
 
     @property
@@ -1101,7 +1107,8 @@ class OHO(Optimizer):
         config = self._meta_config()
         config = meta.MetaConfig(meta_lr={**config.meta_lr, **meta_lrs}, optimizer=config.optimizer,
                                  betas=config.betas, eps=config.eps, space=config.space,
-                                 bounds={**config.bounds, **bounds}, fast_start=config.fast_start)
+                                 bounds={**config.bounds, **bounds}, fast_start=config.fast_start,
+                                 fast_start_loss_drop=config.fast_start_loss_drop)
         meta_state = {**self._bookkeeping.meta_state, **loss_states}
         groups = list(self.param_groups) + proxies
         outcome = meta.meta_update_(groups, everything, loss_value, meta_state, config)
@@ -1142,7 +1149,7 @@ class OHO(Optimizer):
     def _meta_config(self) -> meta.MetaConfig:
         return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
                                eps=self.meta_eps, space=self.space, bounds=self.bounds,
-                               fast_start=self.fast_start)
+                               fast_start=self.fast_start, fast_start_loss_drop=self.fast_start_loss_drop)
 
     # ------------------------------------------------------------------ state
     def _is_state_initialisation(self) -> bool:

@@ -69,6 +69,7 @@ class Options:
     module: Optional[nn.Module] = None
     foreach: Optional[bool] = None
     fast_start: Optional[float] = None
+    fast_start_loss_drop: Optional[float] = 0.05
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -118,6 +119,12 @@ class Options:
                     f"{self.space!r}): only there is a meta learning rate a relative step size, the same "
                     "for every problem")
             self.fast_start = fast
+        if self.fast_start_loss_drop is not None:
+            drop = real(self.fast_start_loss_drop, "fast_start_loss_drop")
+            if not (0.0 < drop < 1.0):
+                raise ValueError(f"Invalid fast_start_loss_drop: {self.fast_start_loss_drop!r} (a fraction in (0, 1), "
+                                 "or None)")
+            self.fast_start_loss_drop = drop
         self.meta_lr = _check_meta_lr(self.meta_lr, self.meta_optimizer, self.space)
         self.meta_betas = (float(beta1), float(beta2))
         self.meta_eps = float(self.meta_eps)

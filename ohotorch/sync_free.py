@@ -175,20 +175,21 @@ def hyper_step(opt: "OHO", flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor
             return
         for i, (index, name) in enumerate(entries):
             key = f"{index}/{name}"
-            theta, m, v, t, peak, fast = (values[row * n + i] for row in range(rows))
+            theta, m, v, t, *phase_values = (values[row * n + i] for row in range(rows))
+            phase = dict(zip(meta.FAST_START_PHASE_KEYS, phase_values))
             if opt.__dict__.get("_device_meta") is not device_meta:
                 continue
             if device_meta.generation[i] != generations[i]:
                 # set from outside after this hyper-step: the outside value stands, fast start's phase
                 # (kept by the device across the restart) follows the device
                 if config.fast(name) and key in opt._bookkeeping.meta_state:
-                    opt._bookkeeping.meta_state[key].update(peak=peak, fast=fast)
+                    opt._bookkeeping.meta_state[key].update(phase)
                 continue
             opt.param_groups[index][name] = theta
             device_meta.written[i] = theta
             state = {"m": m, "v": v, "t": t, "written": theta}
             if config.fast(name):
-                state.update(peak=peak, fast=fast)
+                state.update(phase)
             opt._bookkeeping.meta_state[key] = state
         opt._publish_hyperparameters()
 

@@ -1,5 +1,5 @@
-"""fast_start: the lr's (and lr_scale's) fast first climb, on the host and device meta-updates, through
-the optimizer (both paths), state_dict, outside writes and non-finite hyper-steps."""
+"""fast_start: the lr's (and lr_scale's) fast first climb and its loss guard, on the host and device
+meta-updates, through the optimizer (both paths), state_dict, outside writes and non-finite hyper-steps."""
 import contextlib
 import copy
 import math
@@ -83,7 +83,7 @@ def test_none_leaves_values_and_meta_state_as_before():
         runs.append((groups, state))
     assert runs[0][0] == runs[1][0]
     assert set(runs[0][1]["0/lr"]) == {"m", "v", "t", "written"}
-    assert set(runs[1][1]["0/lr"]) == {"m", "v", "t", "written", "peak", "fast"}
+    assert set(runs[1][1]["0/lr"]) == {"m", "v", "t", "written", *meta.FAST_START_PHASE_KEYS}
 
 
 def test_outside_write_restarts_the_moments_and_keeps_the_phase():
@@ -104,8 +104,9 @@ def test_outside_write_restarts_the_moments_and_keeps_the_phase():
 
 def test_meta_state_without_the_phase_counts_as_done():
     """An older checkpoint's meta state (no peak / fast): the configured meta lr from the first step."""
-    assert meta.fast_start_phase({}) == (0.0, 1.0)
-    assert meta.fast_start_phase({"m": 0.1, "v": 0.01, "t": 3.0, "written": 1e-3}) == (0.0, 0.0)
+    fresh = meta.fast_start_phase({})
+    assert fresh == {"peak": 0.0, "fast": 1.0, "loss_ema": 0.0, "loss_first": 0.0, "loss_n": 0.0}
+    assert meta.fast_start_phase({"m": 0.1, "v": 0.01, "t": 3.0, "written": 1e-3}) == {**fresh, "fast": 0.0}
     groups = [{"lr": 1e-3}]
     state = {"0/lr": {"m": 0.0, "v": 0.0, "t": 0.0, "written": 1e-3}}
     meta.meta_update_(groups, [(0, "lr", -1.0)], 1.0, state, CONFIG)
@@ -140,7 +141,7 @@ def test_device_meta_matches_the_host_meta_update():
     state, switched = {}, 0
     for k, h in enumerate(H_SEQUENCE):
         hs = [h, -h, 0.5 * h, h]
-        loss = math.nan if k == 12 else 1.0
+        loss = math.nan if k == 12 else 2.0 - 0.01 * k  # falls: the loss guard acts too (k = 19)
         if k == 25:  # an outside write of lr: the device restarts it and keeps its phase
             groups[0]["lr"] *= 0.5
             dm.restart(0, groups[0]["lr"])
@@ -153,10 +154,105 @@ def test_device_meta_matches_the_host_meta_update():
             assert math.isclose(packed[j], groups[i][name], rel_tol=1e-12), (k, name)
             if config.fast(name):
                 saved = state[f"{i}/{name}"]
-                assert math.isclose(packed[4 * n + j], saved["peak"], rel_tol=1e-12), (k, name)
+                for r, key in enumerate(meta.FAST_START_PHASE_KEYS, start=4):
+                    assert math.isclose(packed[r * n + j], saved[key], rel_tol=1e-12), (k, name, key)
                 assert packed[5 * n + j] == saved["fast"], (k, name)
                 switched += saved["fast"] == 0.0
-    assert rows == 6 and groups[1]["momentum"] == 0.9 and switched > 0
+    assert rows == 9 and groups[1]["momentum"] == 0.9 and switched > 0
+
+
+def _guard_run(losses, drop, h=-1.0):
+    """The lr's phase after each of a run of hyper-steps with hypergradient ``h`` and these losses."""
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start_loss_drop": drop})
+    groups, state, phases = [{"lr": 1e-3}], {}, []
+    for loss in losses:
+        assert meta.meta_update_(groups, [(0, "lr", h)], loss, state, config) == meta.COMMITTED
+        phases.append(dict(state["0/lr"]))
+    return phases
+
+
+def _guard_switch(losses, drop):
+    """Where the loss rule (module docstring of ohotorch.meta), written out here, ends the phase."""
+    ema = first = None
+    for n, loss in enumerate(losses, start=1):
+        ema = loss if n == 1 else 0.9 * ema + (1.0 - 0.9) * loss
+        first = ema if n == 1 else first
+        if n > meta.FAST_START_WARMUP and ema < first - drop * abs(first):
+            return n - 1  # index of the hyper-step that ends it
+    return None
+
+
+@pytest.mark.parametrize("first", [2.0, -2.0])
+def test_loss_guard_ends_the_phase_once_the_loss_average_has_fallen(first):
+    """The lr keeps climbing (no turn), the loss falls by 1% of its first value per hyper-step: the
+    phase ends at the first hyper-step after the warm-up whose loss average is 5% below the first loss
+    (for a negative loss too: below means lower), and stays ended when the loss comes back up; without
+    the guard it never ends."""
+    losses = [first - 0.01 * abs(first) * k for k in range(40)] + [first] * 10
+    switch = _guard_switch(losses, 0.05)
+    assert switch is not None and switch > meta.FAST_START_WARMUP
+    phases = _guard_run(losses, 0.05)
+    assert [p["fast"] for p in phases] == [1.0] * switch + [0.0] * (len(losses) - switch)
+    assert phases[-1]["loss_first"] == first and phases[-1]["loss_n"] == len(losses)
+    assert all(p["fast"] == 1.0 for p in _guard_run(losses, None))
+    # a loss that never falls (or rises) keeps the phase: the turn of the lr is then the only end
+    assert all(p["fast"] == 1.0 for p in _guard_run([first + 0.01 * abs(first) * k for k in range(40)], 0.05))
+
+
+def test_loss_guard_waits_for_the_warm_up():
+    """A loss that halves at once ends the phase only at the first hyper-step after the warm-up."""
+    phases = _guard_run([1.0] + [0.5] * 20, 0.05)
+    assert [p["fast"] for p in phases].index(0.0) == meta.FAST_START_WARMUP
+
+
+def test_phase_without_the_loss_average_starts_it_afresh():
+    """A meta state with the phase but no loss average (a checkpoint from before the guard) keeps its
+    peak and phase and starts the average at the next hyper-step."""
+    groups = [{"lr": 2e-3}]
+    state = {"0/lr": {"m": 0.0, "v": 0.0, "t": 0.0, "written": 2e-3, "peak": 2e-3, "fast": 1.0}}
+    meta.meta_update_(groups, [(0, "lr", -1.0)], 3.0, state, CONFIG)
+    assert state["0/lr"]["fast"] == 1.0 and state["0/lr"]["loss_n"] == 1.0
+    assert state["0/lr"]["loss_first"] == state["0/lr"]["loss_ema"] == 3.0
+    assert math.log(groups[0]["lr"] + 1e-8) - math.log(2e-3 + 1e-8) == pytest.approx(FAST, rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.05, 1.5, math.inf, math.nan])
+def test_bad_loss_drops_are_refused(bad):
+    with pytest.raises(ValueError, match="Invalid fast_start_loss_drop"):
+        Options(fast_start_loss_drop=bad)
+    with pytest.raises(ValueError, match="Invalid fast_start_loss_drop"):
+        ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=0.05, fast_start_loss_drop=bad)
+    with pytest.raises(TypeError, match="fast_start_loss_drop"):
+        Options(fast_start_loss_drop="0.05")
+    assert Options(fast_start_loss_drop=None).fast_start_loss_drop is None
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_loss_guard_through_the_optimizer(sync_free):
+    """On digits from a small lr with a fast climb: the validation loss leaves its first level, the
+    phase ends where the rule says (replayed from the recorded losses and hypergradients), before
+    the climb turns; without the guard the climb goes on past that point."""
+    runs = {}
+    for drop in (0.05, None):
+        model = mlp()
+        opt = ohotorch.OHO(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3, fast_start=0.3,
+                           fast_start_loss_drop=drop)
+        opt._sync_free = sync_free
+        losses = []
+        hypers = _train(opt, model, 30, losses=losses)
+        runs[drop] = (opt.state_dict()["oho"]["meta_state"]["0/lr"], losses, hypers, opt._meta_config())
+    saved, losses, hypers, config = runs[0.05]
+    groups, state, ended = [{"lr": 1e-3, "weight_decay": 1e-3}], {}, None
+    for k, (hyper, loss) in enumerate(zip(hypers, losses)):
+        meta.meta_update_(groups, [(0, name, hyper[name]) for name in ("lr", "weight_decay")], loss, state, config)
+        if ended is None and state["0/lr"]["fast"] == 0.0:
+            ended = k
+            assert groups[0]["lr"] >= meta.FAST_START_DROP * state["0/lr"]["peak"]  # not the turn: the guard
+    assert ended is not None and ended == _guard_switch(losses, 0.05)
+    assert saved["fast"] == 0.0 and saved["loss_n"] == 30.0
+    for key in meta.FAST_START_PHASE_KEYS:
+        assert math.isclose(saved[key], state["0/lr"][key], rel_tol=1e-10), key
+    assert runs[None][0]["peak"] > saved["peak"]  # unguarded, the climb went further
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.05, math.inf, math.nan])
@@ -177,9 +273,17 @@ def test_wrong_types_and_meta_optimizers_are_refused():
     assert Options(fast_start=1).fast_start == 1.0
 
 
-def _train(opt, model, steps, start=0):
+def _train(opt, model, steps, start=0, losses=None):
+    """``steps`` steps and hyper-steps; the hypergradients (and in ``losses`` the validation losses)."""
     xt, yt, xv, yv = digits()
-    val = closures(opt, model, (xv[:128], yv[:128]))
+    evaluate = closures(opt, model, (xv[:128], yv[:128]))
+
+    def val():
+        loss = evaluate()
+        if losses is not None:
+            losses.append(float(loss.detach()))
+        return loss
+
     hypers = []
     for b in batches(xt, yt, 32, start + steps)[start:]:
         opt.step(closures(opt, model, b))
@@ -199,7 +303,7 @@ def test_resume_continues_bit_exactly(sync_free):
     model, opt = _make(sync_free)
     _train(opt, model, 6)
     saved = copy.deepcopy(opt.state_dict())
-    assert {"peak", "fast"} <= set(saved["oho"]["meta_state"]["0/lr"])
+    assert set(meta.FAST_START_PHASE_KEYS) <= set(saved["oho"]["meta_state"]["0/lr"])
     assert "peak" not in saved["oho"]["meta_state"]["0/weight_decay"]
     model2, opt2 = _make(sync_free)
     model2.load_state_dict(copy.deepcopy(model.state_dict()))
@@ -216,14 +320,17 @@ def test_sync_free_settles_the_host_meta_updates_phase():
     """The forced sync-free path (CUDA's, on CPU): its settled values and phase are the host
     meta-update's of the same hypergradients, through the switch."""
     model, opt = _make(sync_free=True)
-    hypers = _train(opt, model, 20)
+    losses = []
+    hypers = _train(opt, model, 20, losses=losses)
+    assert len(losses) == len(hypers)  # one validation evaluation per hyper-step
     settled = opt.state_dict()["oho"]["meta_state"]
     groups, state = [{"lr": 0.01, "weight_decay": 1e-3}], {}
-    for hyper in hypers:
-        meta.meta_update_(groups, [(0, name, hyper[name]) for name in ("lr", "weight_decay")], 1.0, state,
+    for hyper, loss in zip(hypers, losses):
+        meta.meta_update_(groups, [(0, name, hyper[name]) for name in ("lr", "weight_decay")], loss, state,
                           opt._meta_config())
     assert math.isclose(opt.param_groups[0]["lr"], groups[0]["lr"], rel_tol=1e-10)
-    assert math.isclose(settled["0/lr"]["peak"], state["0/lr"]["peak"], rel_tol=1e-10)
+    for key in meta.FAST_START_PHASE_KEYS:
+        assert math.isclose(settled["0/lr"][key], state["0/lr"][key], rel_tol=1e-10), key
     assert settled["0/lr"]["fast"] == state["0/lr"]["fast"]
     assert set(settled["0/weight_decay"]) == {"m", "v", "t", "written"}
 
@@ -237,7 +344,7 @@ def test_sync_free_outside_write_keeps_the_phase_in_the_checkpoint():
     with pytest.warns(UserWarning, match="changed from outside"):
         saved = copy.deepcopy(opt.state_dict())
     device_rows = opt._device_meta.state[4:, 0].tolist()
-    assert saved["oho"]["meta_state"]["0/lr"] == {"peak": device_rows[0], "fast": device_rows[1]}
+    assert saved["oho"]["meta_state"]["0/lr"] == dict(zip(meta.FAST_START_PHASE_KEYS, device_rows))
     assert device_rows[0] > 0.01 and opt._device_meta.state[3, 0] == 0.0  # a peak kept, the moments restarted
     model2, opt2 = _make(sync_free=True)
     model2.load_state_dict(copy.deepcopy(model.state_dict()))
@@ -263,7 +370,8 @@ def test_old_checkpoint_loads_as_done():
     _train(opt, model, 3)
     saved = copy.deepcopy(opt.state_dict())
     for slot in saved["oho"]["meta_state"].values():
-        slot.pop("peak", None), slot.pop("fast", None)
+        for key in meta.FAST_START_PHASE_KEYS:
+            slot.pop(key, None)
     model2, opt2 = _make()
     opt2.load_state_dict(saved)
     lr = opt2.param_groups[0]["lr"]
