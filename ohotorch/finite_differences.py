@@ -51,7 +51,7 @@ def relative_step(dtype: torch.dtype, scheme: str) -> float:
     if info.bits <= 16:
         return LOW_PRECISION_STEP
     u = info.eps
-    return math.sqrt(u) if scheme == "forward" else u ** (1.0 / 3.0)
+    return u ** (1.0 / 3.0) if scheme == "central" else math.sqrt(u)  # "none" evaluates nothing itself
 
 
 def perturbation_scale(weight_norm: float, tangent_norm: float, rel: float) -> float:

@@ -200,7 +200,13 @@ class OHO(Optimizer):
         influence: ``"exact"`` (default) or ``"blockwise"`` (one tangent per name summed over groups,
             read out per group: cost independent of the number of groups, exact for one group). With
             the greedy horizon the two coincide and both use the blockwise layout.
-        hvp: ``"forward"`` (default, 1 gradient per HVP) or ``"central"`` (2, second-order accurate).
+        hvp: ``"forward"`` (default, 1 gradient per HVP), ``"central"`` (2, second-order accurate) or
+            ``"none"``: the *first-order influence*, :math:`H_t \dot w_t` taken as 0 in the tangent
+            recursion (no extra gradient evaluation at all; momentum, weight decay and the direct terms
+            stay exact). With ``discount = gamma > 0`` the lr's tangent is then (for plain SGD) the
+            discounted sum of past update directions, :math:`\dot w_{t+1} = \gamma \dot w_t - u_t`: a
+            longer memory than greedy at greedy's cost, exact where the loss is linear in the weights.
+            A loss hyperparameter's tangent keeps its evaluation (it gives its direct term).
         fd_rel: relative finite-difference step ``r``; default sqrt(u) (forward) or u^(1/3) (central)
             for the unit roundoff u of ``compute_dtype``.
         compute_dtype: the precision the closures compute gradients in. Default: the parameters'
@@ -651,6 +657,8 @@ class OHO(Optimizer):
             nonzero = [index for index, norm in enumerate(norms) if norm > 0.0]  # the tangents that need an HVP
             # A loss hyperparameter's tangent needs its direct term dg/drho even from zero: always evaluated.
             nonzero = sorted(set(nonzero) | set(range(first_loss, len(keys))))
+        if self.hvp == "none":  # the first-order influence: H_t w' read as 0, no evaluation (_advance_influence);
+            nonzero = [index for index in nonzero if index >= first_loss]  # loss hyperparameters keep theirs
 
         # (2) Every closure evaluation: the training one, whose gradients, RNG and buffers every HVP
         # evaluation starts from, then the HVPs. Nothing of the user's or the optimizer's changes until all

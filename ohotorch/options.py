@@ -82,8 +82,8 @@ class Options:
             raise ValueError(f"Invalid space: {self.space!r} (use 'log' or 'raw')")
         if self.influence not in ("exact", "blockwise"):
             raise ValueError(f"Invalid influence: {self.influence!r} (use 'exact' or 'blockwise')")
-        if self.hvp not in ("forward", "central"):
-            raise ValueError(f"Invalid hvp: {self.hvp!r} (use 'forward' or 'central')")
+        if self.hvp not in ("forward", "central", "none"):
+            raise ValueError(f"Invalid hvp: {self.hvp!r} (use 'forward', 'central' or 'none')")
         beta1, beta2 = self.meta_betas
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Invalid meta_betas: {self.meta_betas!r} (each in [0, 1))")

@@ -81,6 +81,7 @@ def oracle_hypergradients(
     tied: Sequence[Sequence[Tuple[int, str]]] = (),
     average: Optional[float] = None,
     greedy: bool = False,
+    first_order: bool = False,
 ) -> List[Dict[str, float]]:
     """dL_val(w_T)/d theta by reverse-mode autograd through T unrolled SGD steps.
 
@@ -95,6 +96,8 @@ def oracle_hypergradients(
     w_bar_t = w_bar_{t-1} + a_t (w_t - w_bar_{t-1}), a_t = min(1, (1 + p) / (t + p)), instead of at w_T.
     ``greedy``: detach the weights and the optimizer's buffers before every step, so that each iterate
     depends on the hyperparameters through its last step only (the greedy horizon's one-step tangents).
+    ``first_order``: the training gradient at detached weights (a constant of the hyperparameters: the
+    loss Hessian dropped from the tangent recursion, ``hvp="none"``), everything else differentiated.
     """
     names = [n for n, _ in model.named_parameters()]
     w0 = [p.detach().clone() for p in model.parameters()]
@@ -119,7 +122,11 @@ def oracle_hypergradients(
             w = [t.detach().requires_grad_(True) for t in w]
             bufs = [None if b is None else b.detach() for b in bufs]
             moments = [(m.detach(), v.detach()) for m, v in moments]
-        grads = torch.autograd.grad(loss_at(w, batch), w, create_graph=True)
+        if first_order:
+            detached = [t.detach().requires_grad_(True) for t in w]
+            grads = torch.autograd.grad(loss_at(detached, batch), detached)
+        else:
+            grads = torch.autograd.grad(loss_at(w, batch), w, create_graph=True)
         new_w = []
         for i, (wi, gi) in enumerate(zip(w, grads)):
             h = theta[owner[i]]

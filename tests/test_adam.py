@@ -15,20 +15,23 @@ T = 15
 
 @pytest.mark.parametrize("rule", sorted(CLASSES))
 @pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
-def test_hypergradients_match_autograd(rule, layerwise):
+@pytest.mark.parametrize("hvp", ["central", "none"])
+def test_hypergradients_match_autograd(rule, layerwise, hvp):
+    """The full horizon against autograd through the unrolled Adam steps; with hvp="none" (the
+    first-order influence) against the unrolled steps whose gradients are constants, to rounding."""
     xt, yt, xv, yv = digits()
     train = batches(xt, yt, 32, T, seed=1)
     val = (xv[:300], yv[:300])
     model = mlp()
     params = ohotorch.layerwise(model) if layerwise else model.parameters()
-    opt = CLASSES[rule][0](params, lr=0.01, weight_decay=1e-2, hvp="central", meta_lr=0.0, discount=1.0)
+    opt = CLASSES[rule][0](params, lr=0.01, weight_decay=1e-2, hvp=hvp, meta_lr=0.0, discount=1.0)
     if layerwise:
         for i, g in enumerate(opt.param_groups):
             g["lr"] = 0.005 * (i + 1)
             g["weight_decay"] = 1e-2 * (i + 1)
     hypers = [{n: g[n] for n in ("lr", "weight_decay")} for g in opt.param_groups]
     expected = oracle_hypergradients(model, param_index_groups(model, opt.param_groups), hypers, train, val,
-                                     rule=rule)
+                                     rule=rule, first_order=hvp == "none")
     run_oho(model, opt, train)
     got = opt.hypergradient(closures(opt, model, val))
     worst = 0.0
@@ -36,7 +39,7 @@ def test_hypergradients_match_autograd(rule, layerwise):
         for name in ("lr", "weight_decay"):
             err = relative_error(float(g[name]), e[name])
             worst = max(worst, err)
-            assert err < 1e-6, (name, float(g[name]), e[name])
+            assert err < (1e-6 if hvp == "central" else 1e-10), (name, float(g[name]), e[name])
     print(f"{rule} {'layerwise' if layerwise else 'global'}: worst relative error {worst:.2e}")
 
 

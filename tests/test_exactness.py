@@ -23,13 +23,13 @@ def _setup(seed=0):
     return train, val
 
 
-def _compare(model, opt, train, val, options, rtol):
+def _compare(model, opt, train, val, options, rtol, first_order=False):
     hyper_values = [{n: g[n] for n in ("lr", "weight_decay", "momentum")} for g in opt.param_groups]
     groups = param_index_groups(model, opt.param_groups)
     use_buffer = options.get("momentum", 0.0) != 0 or "momentum" in options["tune"]
     expected = oracle_hypergradients(
         model, groups, hyper_values, train, val, dampening=options.get("dampening", 0.0),
-        nesterov=options.get("nesterov", False), use_buffer=use_buffer)
+        nesterov=options.get("nesterov", False), use_buffer=use_buffer, first_order=first_order)
     run_oho(model, opt, train)
     got = opt.hypergradient(closures(opt, model, val))
     worst = 0.0
@@ -66,6 +66,40 @@ def test_layerwise_exact_matches_autograd(case):
     opt = ohotorch.OHO(groups, hvp="central", meta_lr=0.0, influence="exact", discount=1.0,
                        **options)
     _compare(model, opt, train, val, dict(options, tune=tune), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_first_order_influence_matches_autograd_with_the_hessian_dropped(case, sync_free):
+    """hvp="none": the full-horizon tangents with H_t w' = 0 are the exact derivative of the unrolled
+    training whose gradients are constants of the hyperparameters (momentum, weight decay and the
+    direct terms differentiated); no finite difference is involved, so float64 agrees to rounding."""
+    options = CASES[case]
+    train, val = _setup()
+    model = mlp()
+    opt = ohotorch.OHO(model.parameters(), lr=0.1, weight_decay=1e-3, hvp="none", meta_lr=0.0, discount=1.0,
+                       **options)
+    opt._sync_free = sync_free  # the CUDA path's order of operations, forced on the CPU
+    evaluations = []
+    original = opt._hessian_vector_products
+    opt._hessian_vector_products = lambda *a, **k: evaluations.append(1) or original(*a, **k)
+    worst = _compare(model, opt, train, val, options, rtol=1e-10, first_order=True)
+    assert not evaluations  # no Hessian-vector product was evaluated
+    print(f"{case}: worst relative error {worst:.2e}")
+
+
+def test_first_order_influence_is_not_the_exact_one():
+    """The dropped Hessian matters on a real network: hvp="none" and the exact influence differ."""
+    options = CASES["momentum"]
+    train, val = _setup()
+    got = []
+    for hvp in ("none", "central"):
+        model = mlp()
+        opt = ohotorch.OHO(model.parameters(), lr=0.1, weight_decay=1e-3, hvp=hvp, meta_lr=0.0, discount=1.0,
+                           **options)
+        run_oho(model, opt, train)
+        got.append(opt.hypergradient(closures(opt, model, val))[0]["lr"])
+    assert relative_error(float(got[0]), float(got[1])) > 1e-3
 
 
 def test_forward_differences_are_close():
