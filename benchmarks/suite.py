@@ -12,12 +12,14 @@ task, a character-level transformer LM trained with AdamW) it runs, with 3 seeds
   library's defaults (``oho``) and named variants: ``oho_d09`` (discount 0.9), ``oho_full`` (discount 1,
   the full RTRL horizon), ``oho_paper`` (SGD tasks: full horizon, raw-space SGD meta-update, meta_lr
   1e-4). ``--oho-variant NAME='{"discount": 1.0, ...}'`` adds a method ``oho_NAME`` with those OHO
-  keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Four keys are
+  keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Five keys are
   read by the benchmark instead of OHO: ``hyper_every`` (a hyper-step every k steps), ``val_batches``
   (the validation loss of each hyper-step averaged over that many batches), ``schedule``
   (``"cosine"``: a CosineAnnealingLR over the run drives ``lr`` while OHO tunes ``lr_scale``) and
   ``fast_stop_drop`` (a prototype guard for ``fast_start``: the fast phase ends once the training loss,
-  an EMA over 10 steps, has fallen that fraction below its first value; host path only). A run
+  an EMA over 10 steps, has fallen that fraction below its first value; host path only) and
+  ``fast_stop_growth`` (the prototype of ``fast_start_growth``: the fast phase ends once the value is
+  that many times the initial lr; host path only). A run
   with OHO's ``average`` option is evaluated at the average of its iterates (``opt.averaged()``; with
   BatchNorm, running statistics recomputed for it from 20 training batches and put back afterwards).
 
@@ -75,7 +77,7 @@ SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for S
 # variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
 # and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
 # multiplier lr_scale, and weight decay when the task starts it above 0)
-LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "fast_stop_drop")
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "fast_stop_drop", "fast_stop_growth")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -204,6 +206,9 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     # prototype guard for fast_start (host path only): end the fast phase of every lr once the training
     # loss (EMA over 10 steps) has fallen this fraction below its first value, i.e. at the plateau's exit
     fast_stop_drop = kwargs.pop("fast_stop_drop", None)
+    # prototype of fast_start_growth (host path only): end the fast phase of every tuned value once it is
+    # this many times the initial lr (the library's option measures from the value at the phase's start)
+    fast_stop_growth = kwargs.pop("fast_stop_growth", None)
     torch.manual_seed(seed)
     model = task.model_fn()
     model.train()
@@ -265,6 +270,11 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
                 val_n += 1
         if scheduler is not None:
             scheduler.step()
+        if fast_stop_growth is not None:
+            for key, state in opt._bookkeeping.meta_state.items():
+                index, name = key.split("/")
+                if "fast" in state and opt.param_groups[int(index)][name] >= float(fast_stop_growth) * spec["lr"]:
+                    state["fast"] = 0.0
         if fast_stop_drop is not None and math.isfinite(loss):
             ema_loss = loss if step == 1 else 0.9 * ema_loss + 0.1 * loss
             if step == 1:

@@ -34,26 +34,25 @@ state restarts; ``meta_lr = 0`` leaves the value bit-identical; the result is pr
 and nothing is written (values nor meta-optimizer state) unless every hypergradient, the loss and every
 new value are finite.
 
-**Fast start** (``fast_start``, off by default). Meta-Adam in log space moves a value by at most about
-its meta learning rate (relatively) per hyper-step, so from a small initial lr the climb is slow. With
-``fast_start = a``, each tuned ``lr`` / ``lr_scale`` is stepped with meta learning rate ``a`` instead of
-its ``meta_lr`` while it is in its fast phase. The phase ends, for the rest of the run, at the first
-hyper-step after which either
+**Fast start** (``fast_start``; by default :data:`DEFAULT_FAST_START`, 0.1 with meta-Adam in log space).
+Meta-Adam in log space moves a value by at most about its meta learning rate (relatively) per
+hyper-step, so from a small initial lr the climb is slow. With ``fast_start = a``,
+each tuned ``lr`` / ``lr_scale`` is stepped with meta learning rate ``a`` instead of its ``meta_lr``
+while it is in its fast phase. The phase ends, for the rest of the run, at the first hyper-step after
+which either
 
 * the value is below :data:`FAST_START_DROP` (0.9) times the largest value a hyper-step has given it
   (the climb has turned), or
-* (``fast_start_loss_drop = d``, default 0.05) the hyper-step loss has fallen by the fraction ``d``:
-  with :math:`\bar\ell_n = 0.9\,\bar\ell_{n-1} + 0.1\,\ell_n` (:math:`\bar\ell_1 = \ell_1`) over the
-  validation losses of the committed hyper-steps, from the :data:`FAST_START_WARMUP` + 1-th on,
-  :math:`\bar\ell_n < \bar\ell_1 - d\,|\bar\ell_1|`.
+* (``fast_start_growth = F``, default 10) the value is at least ``F`` times its value when the phase
+  began (the climb has gone far enough for a fast phase; from there on ``meta_lr`` carries it on).
 
 The second rule is a guard: a value that climbs fast while the model still sits on its initial plateau
-(where a larger step barely changes the loss) would overshoot when the plateau ends, and the loss leaving
-its first level is the sign that it has. Its meta state holds ``"peak"`` (the running maximum), ``"fast"``
-(1.0 while fast, 0.0 once done; never fast again) and the loss average ``"loss_ema"``, its first value
-``"loss_first"`` and count ``"loss_n"``; an outside write restarts the moments but keeps all five, and a
+(where a larger step barely changes the loss) overshoots when the plateau ends, and a network that a
+too-large lr has killed does not come back. Its meta state holds ``"peak"`` (the running maximum),
+``"fast"`` (1.0 while fast, 0.0 once done; never fast again) and ``"start"`` (the value when the phase
+began; -1 until the first hyper-step); an outside write restarts the moments but keeps all three, and a
 meta state without them (an older checkpoint, or one made without ``fast_start``) counts as done (a state
-with the phase but without the loss average starts the average afresh). ``meta_lr = 0`` still freezes
+with the phase but no ``"start"`` takes the value at its next hyper-step). ``meta_lr = 0`` still freezes
 the value. Other hyperparameters are unaffected. Cost: a few scalar operations per hyper-step.
 """
 from __future__ import annotations
@@ -70,6 +69,7 @@ __all__ = [
     "HYPERPARAMETERS",
     "DEFAULT_BOUNDS",
     "DEFAULT_META_LR",
+    "DEFAULT_FAST_START",
     "LOG_OFFSET",
     "to_meta",
     "from_meta",
@@ -89,8 +89,6 @@ __all__ = [
     "DeviceMeta",
     "FAST_START_DROP",
     "FAST_START_NAMES",
-    "FAST_START_LOSS_EMA",
-    "FAST_START_WARMUP",
     "FAST_START_PHASE_KEYS",
     "fast_start_phase",
 ]
@@ -116,6 +114,10 @@ DEFAULT_LOG_OFFSET = 1e-8
 # Evidence: benchmarks/defaults.py and benchmarks/results/defaults/.
 DEFAULT_META_LR: Dict[Tuple[str, str], float] = {("adam", "log"): 0.02}
 
+# fast_start="auto" (the default) per (meta_optimizer, space): only where a meta learning rate is a relative
+# step size. Evidence: benchmarks/suite.py, benchmarks/results/suite/ (the README's tuning-quality section).
+DEFAULT_FAST_START: Dict[Tuple[str, str], float] = {("adam", "log"): 0.1}
+
 # The meta-Adam gradient is clipped to +-max(META_CLIP * sqrt(v_hat), sqrt(META_V_GROWTH * v / (1 - beta2)))
 # of the previous step (module docstring): never tighter than META_CLIP standard deviations, and once Adam's
 # average holds many steps, only values that would raise v by more than META_V_GROWTH (40%) at once. Any
@@ -131,24 +133,21 @@ META_V_GROWTH = 0.4
 LOG_SPACE_MAX = math.log(torch.finfo(torch.float32).max)
 
 # Fast start (module docstring): the fast phase of a value ends when it first falls below this fraction
-# of its running maximum, or once the hyper-step loss's average (this smoothing) has fallen by
-# fast_start_loss_drop, tested from the hyper-step after the warm-up on; the names it applies to.
+# of its running maximum (or grows fast_start_growth-fold); the names it applies to; its meta state keys.
 FAST_START_DROP = 0.9
-FAST_START_LOSS_EMA = 0.9
-FAST_START_WARMUP = 10
 FAST_START_NAMES: Tuple[str, ...] = ("lr", "lr_scale")
-FAST_START_PHASE_KEYS: Tuple[str, ...] = ("peak", "fast", "loss_ema", "loss_first", "loss_n")
+FAST_START_PHASE_KEYS: Tuple[str, ...] = ("peak", "fast", "start")
+_UNSET = -1.0  # "start" before the first hyper-step of the phase (values tuned with fast start are >= 0)
 
 
 def fast_start_phase(state: Mapping[str, float]) -> Dict[str, float]:
-    """The fast-start phase of a meta state (:data:`FAST_START_PHASE_KEYS`): its own (a missing loss
-    average starts afresh), else fast from nothing for a fresh (empty) state, else done (a meta state
-    kept without it: an older checkpoint, or a run that started without fast_start)."""
+    """The fast-start phase of a meta state (:data:`FAST_START_PHASE_KEYS`): its own (a missing start is
+    taken at the next hyper-step), else fast from nothing for a fresh (empty) state, else done (a meta
+    state kept without it: an older checkpoint, or a run that started without fast_start)."""
     if "fast" in state:
-        return {key: float(state.get(key, 0.0)) for key in FAST_START_PHASE_KEYS}
-    phase = dict.fromkeys(FAST_START_PHASE_KEYS, 0.0)
-    phase["fast"] = 0.0 if state else 1.0
-    return phase
+        return {"peak": float(state["peak"]), "fast": float(state["fast"]),
+                "start": float(state.get("start", _UNSET))}
+    return {"peak": 0.0, "fast": 0.0 if state else 1.0, "start": _UNSET}
 
 
 def _fast_phase_state(state: Mapping[str, float]) -> Dict[str, float]:
@@ -158,22 +157,17 @@ def _fast_phase_state(state: Mapping[str, float]) -> Dict[str, float]:
     return fast_start_phase(state)
 
 
-def _fast_start_next(phase: Mapping[str, float], theta: float, loss: float,
-                     loss_drop: Optional[float]) -> Dict[str, float]:
-    """The phase after a committed hyper-step that gave ``theta`` with validation loss ``loss``."""
-    peak = max(phase["peak"], theta)
-    n = phase["loss_n"] + 1.0
-    if n == 1.0:
-        ema = first = loss
-    else:
-        ema = FAST_START_LOSS_EMA * phase["loss_ema"] + (1.0 - FAST_START_LOSS_EMA) * loss
-        first = phase["loss_first"]
+def _fast_start_next(phase: Mapping[str, float], theta: float, new_theta: float,
+                     growth: Optional[float]) -> Dict[str, float]:
+    """The phase after a committed hyper-step that moved the value from ``theta`` to ``new_theta``."""
+    peak = max(phase["peak"], new_theta)
+    start = theta if phase["start"] < 0.0 else phase["start"]
     fast = phase["fast"]
-    if theta < FAST_START_DROP * peak:
+    if new_theta < FAST_START_DROP * peak:
         fast = 0.0
-    if loss_drop is not None and n > FAST_START_WARMUP and ema < first - loss_drop * abs(first):
+    if growth is not None and start > 0.0 and new_theta >= growth * start:
         fast = 0.0
-    return {"peak": peak, "fast": fast, "loss_ema": ema, "loss_first": first, "loss_n": n}
+    return {"peak": peak, "fast": fast, "start": start}
 
 
 def to_meta(name: str, theta: float, space: str) -> float:
@@ -275,7 +269,7 @@ class MetaConfig:
     space: str  # "log" or "raw"
     bounds: Mapping[str, Tuple[float, float]]
     fast_start: Optional[float] = None  # the meta learning rate of lr / lr_scale while fast (docstring)
-    fast_start_loss_drop: Optional[float] = None  # the loss guard's fraction d (docstring); None: no guard
+    fast_start_growth: Optional[float] = None  # the growth F that ends the fast phase (docstring); None: no bound
 
     def fast(self, name: str) -> bool:
         """Whether fast start applies to ``name``."""
@@ -340,7 +334,7 @@ def meta_update_(
         if config.meta_lr[name] == 0.0:
             new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
         if config.fast(name):
-            state.update(_fast_start_next(phase, new_theta, loss, config.fast_start_loss_drop))
+            state.update(_fast_start_next(phase, theta, new_theta, config.fast_start_growth))
         proposals.append((index, name, new_theta, state))
     if not all(math.isfinite(theta) and all(math.isfinite(v) for v in state.values())
                for _, _, theta, state in proposals):
@@ -359,7 +353,7 @@ class DeviceMeta:
     projection, all or nothing) as a fixed sequence of tensor ops: :meth:`update` never reads a value
     on the host. ``entries`` lists ``(group index, name)``; ``values`` their current values; ``states``
     their meta-optimizer states (keys m, v, t, and fast start's phase; empty for a fresh start).
-    ``state`` is one ``(9, n)`` tensor, rows theta, m, v, t and the phase (:data:`ROWS`; all 0 for an
+    ``state`` is one ``(7, n)`` tensor, rows theta, m, v, t and the phase (:data:`ROWS`; all 0 for an
     entry without fast start, whose meta learning rate is then always its ``meta_lr``);
     ``written`` (host floats) the value last written into
     ``param_groups`` for each entry, ``generation`` how often each was restarted by an outside write.
@@ -421,7 +415,7 @@ class DeviceMeta:
 
         ``hypergradients`` (n,) and ``loss`` (0-d) are float64 tensors on the device.
         """
-        theta, m, v, t, peak, fast, loss_ema, loss_first, loss_n = self.state.unbind(0)
+        theta, m, v, t, peak, fast, start = self.state.unbind(0)
         meta_lr = torch.where(fast == 1.0, self.fast_lr, self.meta_lr)  # fast start (no host read)
         h = hypergradients
         if self.config.space == "raw":
@@ -453,16 +447,13 @@ class DeviceMeta:
         theta_new = torch.where(self.frozen, theta, theta_new)
         # fast start's phase (_fast_start_next, on the device)
         peak_new = torch.maximum(peak, theta_new)
-        n_new = loss_n + 1.0
-        first_time = n_new == 1.0
-        ema_new = torch.where(first_time, loss, FAST_START_LOSS_EMA * loss_ema + (1.0 - FAST_START_LOSS_EMA) * loss)
-        first_new = torch.where(first_time, loss, loss_first)
+        start_new = torch.where(start < 0.0, theta, start)
         turned = theta_new < FAST_START_DROP * peak_new
-        drop = self.config.fast_start_loss_drop
-        if drop is not None:
-            turned = turned | ((n_new > FAST_START_WARMUP) & (ema_new < first_new - drop * first_new.abs()))
+        growth = self.config.fast_start_growth
+        if growth is not None:
+            turned = turned | ((start_new > 0.0) & (theta_new >= growth * start_new))
         fast_new = torch.where(turned, 0.0, fast)
-        new_state = torch.stack([theta_new, m_new, v_new, t_new, peak_new, fast_new, ema_new, first_new, n_new])
+        new_state = torch.stack([theta_new, m_new, v_new, t_new, peak_new, fast_new, start_new])
         # x * 0 is 0 exactly when x is finite (inf * 0 and nan * 0 are nan), and a sum of zeros is 0 while
         # a sum with a nan is not: every value finite in 2-3 kernels instead of isfinite's 4 and all's one.
         finite_input = (loss * 0.0 + (h * 0.0).sum()) == 0.0

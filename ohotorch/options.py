@@ -68,8 +68,8 @@ class Options:
     average: Optional[float] = None
     module: Optional[nn.Module] = None
     foreach: Optional[bool] = None
-    fast_start: Optional[float] = None
-    fast_start_loss_drop: Optional[float] = 0.05
+    fast_start: Union[None, float, str] = "auto"
+    fast_start_growth: Optional[float] = 10.0
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -109,6 +109,8 @@ class Options:
         self.average = averaging.check_power(self.average)
         if self.module is not None and not isinstance(self.module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(self.module).__name__}")
+        if isinstance(self.fast_start, str) and self.fast_start == "auto":  # on where it means the same everywhere
+            self.fast_start = meta.DEFAULT_FAST_START.get((self.meta_optimizer, self.space))
         if self.fast_start is not None:
             fast = real(self.fast_start, "fast_start")
             if not (math.isfinite(fast) and fast > 0.0):
@@ -119,12 +121,11 @@ class Options:
                     f"{self.space!r}): only there is a meta learning rate a relative step size, the same "
                     "for every problem")
             self.fast_start = fast
-        if self.fast_start_loss_drop is not None:
-            drop = real(self.fast_start_loss_drop, "fast_start_loss_drop")
-            if not (0.0 < drop < 1.0):
-                raise ValueError(f"Invalid fast_start_loss_drop: {self.fast_start_loss_drop!r} (a fraction in (0, 1), "
-                                 "or None)")
-            self.fast_start_loss_drop = drop
+        if self.fast_start_growth is not None:
+            growth = real(self.fast_start_growth, "fast_start_growth")
+            if not (math.isfinite(growth) and growth > 1.0):
+                raise ValueError(f"Invalid fast_start_growth: {self.fast_start_growth!r} (a factor > 1, or None)")
+            self.fast_start_growth = growth
         self.meta_lr = _check_meta_lr(self.meta_lr, self.meta_optimizer, self.space)
         self.meta_betas = (float(beta1), float(beta2))
         self.meta_eps = float(self.meta_eps)

@@ -81,7 +81,8 @@ def test_outside_write_wins_over_a_pending_hyper_step():
     opt.hyper_step(val)
     opt.state_dict()
     lr = opt.param_groups[0]["lr"]
-    assert lr != 0.5 and abs(math.log(lr / 0.5)) < 0.03  # one fresh Adam step from 0.5
+    # one fresh Adam step from 0.5: at most about the meta learning rate (fast start's while fast)
+    assert lr != 0.5 and abs(math.log(lr / 0.5)) < 1.05 * max(opt.meta_lr["lr"], opt.fast_start or 0.0)
     assert opt.state_dict()["oho"]["meta_state"]["0/lr"]["t"] == 1.0
 
 

@@ -1,4 +1,4 @@
-"""fast_start: the lr's (and lr_scale's) fast first climb and its loss guard, on the host and device
+"""fast_start: the lr's (and lr_scale's) fast first climb and its growth bound, on the host and device
 meta-updates, through the optimizer (both paths), state_dict, outside writes and non-finite hyper-steps."""
 import contextlib
 import copy
@@ -105,7 +105,7 @@ def test_outside_write_restarts_the_moments_and_keeps_the_phase():
 def test_meta_state_without_the_phase_counts_as_done():
     """An older checkpoint's meta state (no peak / fast): the configured meta lr from the first step."""
     fresh = meta.fast_start_phase({})
-    assert fresh == {"peak": 0.0, "fast": 1.0, "loss_ema": 0.0, "loss_first": 0.0, "loss_n": 0.0}
+    assert fresh == {"peak": 0.0, "fast": 1.0, "start": -1.0}
     assert meta.fast_start_phase({"m": 0.1, "v": 0.01, "t": 3.0, "written": 1e-3}) == {**fresh, "fast": 0.0}
     groups = [{"lr": 1e-3}]
     state = {"0/lr": {"m": 0.0, "v": 0.0, "t": 0.0, "written": 1e-3}}
@@ -132,7 +132,8 @@ def test_device_meta_matches_the_host_meta_update():
     """The same hypergradients through meta_update_ and DeviceMeta: the same values (to rounding of
     exp / log), the same peaks and the same phase at every step, through a switch, a frozen value
     (meta_lr = 0), a non-finite step and an outside write."""
-    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {**CONFIG.meta_lr, "momentum": 0.0}})
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "meta_lr": {**CONFIG.meta_lr, "momentum": 0.0},
+                                "fast_start_growth": 1.3})  # lr_scale's phase ends by growth, lr's by its turn
     entries = [(0, "lr"), (0, "weight_decay"), (1, "lr_scale"), (1, "momentum")]
     groups = [{"lr": 1e-3, "weight_decay": 1e-4}, {"lr_scale": 1.0, "momentum": 0.9}]
     dm = meta.DeviceMeta(entries, [groups[i][n] for i, n in entries], [{} for _ in entries], config,
@@ -141,7 +142,7 @@ def test_device_meta_matches_the_host_meta_update():
     state, switched = {}, 0
     for k, h in enumerate(H_SEQUENCE):
         hs = [h, -h, 0.5 * h, h]
-        loss = math.nan if k == 12 else 2.0 - 0.01 * k  # falls: the loss guard acts too (k = 19)
+        loss = math.nan if k == 12 else 1.0
         if k == 25:  # an outside write of lr: the device restarts it and keeps its phase
             groups[0]["lr"] *= 0.5
             dm.restart(0, groups[0]["lr"])
@@ -158,101 +159,83 @@ def test_device_meta_matches_the_host_meta_update():
                     assert math.isclose(packed[r * n + j], saved[key], rel_tol=1e-12), (k, name, key)
                 assert packed[5 * n + j] == saved["fast"], (k, name)
                 switched += saved["fast"] == 0.0
-    assert rows == 9 and groups[1]["momentum"] == 0.9 and switched > 0
+    assert rows == 7 and groups[1]["momentum"] == 0.9 and switched > 0
 
 
-def _guard_run(losses, drop, h=-1.0):
-    """The lr's phase after each of a run of hyper-steps with hypergradient ``h`` and these losses."""
-    config = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start_loss_drop": drop})
-    groups, state, phases = [{"lr": 1e-3}], {}, []
-    for loss in losses:
-        assert meta.meta_update_(groups, [(0, "lr", h)], loss, state, config) == meta.COMMITTED
-        phases.append(dict(state["0/lr"]))
-    return phases
+def _growth_run(hs, growth, start=1e-3):
+    """The lr and its phase after each hyper-step with these hypergradients."""
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start_growth": growth})
+    groups, state, run = [{"lr": start}], {}, []
+    for h in hs:
+        assert meta.meta_update_(groups, [(0, "lr", h)], 1.0, state, config) == meta.COMMITTED
+        run.append((groups[0]["lr"], dict(state["0/lr"])))
+    return run
 
 
-def _guard_switch(losses, drop):
-    """Where the loss rule (module docstring of ohotorch.meta), written out here, ends the phase."""
-    ema = first = None
-    for n, loss in enumerate(losses, start=1):
-        ema = loss if n == 1 else 0.9 * ema + (1.0 - 0.9) * loss
-        first = ema if n == 1 else first
-        if n > meta.FAST_START_WARMUP and ema < first - drop * abs(first):
-            return n - 1  # index of the hyper-step that ends it
-    return None
+def test_growth_bound_ends_the_phase_once_the_value_has_grown_f_fold():
+    """The lr climbs without turning: the phase ends at the first hyper-step that leaves it at least F
+    times its starting value, and the climb goes on at meta_lr from there (never fast again); without
+    the bound only a turn would end it."""
+    run = _growth_run([-1.0] * 120, 10.0)
+    ended = next(k for k, (_, phase) in enumerate(run) if phase["fast"] == 0.0)
+    assert run[ended][0] >= 10.0 * 1e-3 > run[ended - 1][0]
+    assert all(phase["start"] == 1e-3 for _, phase in run)
+    assert all(phase["fast"] == 0.0 for _, phase in run[ended:])
+    theta, adam = 1e-3, {}
+    for k, (value, _) in enumerate(run):  # bit for bit: the fast meta lr up to the end, meta_lr after it
+        theta = _expected_step(theta, -1.0, adam, FAST if k <= ended else SLOW)
+        assert value == theta, k
+    assert all(phase["fast"] == 1.0 for _, phase in _growth_run([-1.0] * 120, None))
 
 
-@pytest.mark.parametrize("first", [2.0, -2.0])
-def test_loss_guard_ends_the_phase_once_the_loss_average_has_fallen(first):
-    """The lr keeps climbing (no turn), the loss falls by 1% of its first value per hyper-step: the
-    phase ends at the first hyper-step after the warm-up whose loss average is 5% below the first loss
-    (for a negative loss too: below means lower), and stays ended when the loss comes back up; without
-    the guard it never ends."""
-    losses = [first - 0.01 * abs(first) * k for k in range(40)] + [first] * 10
-    switch = _guard_switch(losses, 0.05)
-    assert switch is not None and switch > meta.FAST_START_WARMUP
-    phases = _guard_run(losses, 0.05)
-    assert [p["fast"] for p in phases] == [1.0] * switch + [0.0] * (len(losses) - switch)
-    assert phases[-1]["loss_first"] == first and phases[-1]["loss_n"] == len(losses)
-    assert all(p["fast"] == 1.0 for p in _guard_run(losses, None))
-    # a loss that never falls (or rises) keeps the phase: the turn of the lr is then the only end
-    assert all(p["fast"] == 1.0 for p in _guard_run([first + 0.01 * abs(first) * k for k in range(40)], 0.05))
-
-
-def test_loss_guard_waits_for_the_warm_up():
-    """A loss that halves at once ends the phase only at the first hyper-step after the warm-up."""
-    phases = _guard_run([1.0] + [0.5] * 20, 0.05)
-    assert [p["fast"] for p in phases].index(0.0) == meta.FAST_START_WARMUP
-
-
-def test_phase_without_the_loss_average_starts_it_afresh():
-    """A meta state with the phase but no loss average (a checkpoint from before the guard) keeps its
-    peak and phase and starts the average at the next hyper-step."""
+def test_growth_bound_from_zero_and_a_phase_without_start():
+    """A value that starts at 0 has no growth factor (the turn alone ends its phase); a meta state with
+    the phase but no start (a checkpoint from before the bound) takes its start at the next hyper-step."""
+    run = _growth_run([-1.0] * 30, 10.0, start=0.0)
+    assert all(phase["fast"] == 1.0 and phase["start"] == 0.0 for _, phase in run)
     groups = [{"lr": 2e-3}]
     state = {"0/lr": {"m": 0.0, "v": 0.0, "t": 0.0, "written": 2e-3, "peak": 2e-3, "fast": 1.0}}
-    meta.meta_update_(groups, [(0, "lr", -1.0)], 3.0, state, CONFIG)
-    assert state["0/lr"]["fast"] == 1.0 and state["0/lr"]["loss_n"] == 1.0
-    assert state["0/lr"]["loss_first"] == state["0/lr"]["loss_ema"] == 3.0
+    config = meta.MetaConfig(**{**CONFIG.__dict__, "fast_start_growth": 10.0})
+    meta.meta_update_(groups, [(0, "lr", -1.0)], 1.0, state, config)
+    assert state["0/lr"]["fast"] == 1.0 and state["0/lr"]["start"] == 2e-3
     assert math.log(groups[0]["lr"] + 1e-8) - math.log(2e-3 + 1e-8) == pytest.approx(FAST, rel=1e-9)
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.05, 1.5, math.inf, math.nan])
-def test_bad_loss_drops_are_refused(bad):
-    with pytest.raises(ValueError, match="Invalid fast_start_loss_drop"):
-        Options(fast_start_loss_drop=bad)
-    with pytest.raises(ValueError, match="Invalid fast_start_loss_drop"):
-        ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=0.05, fast_start_loss_drop=bad)
-    with pytest.raises(TypeError, match="fast_start_loss_drop"):
-        Options(fast_start_loss_drop="0.05")
-    assert Options(fast_start_loss_drop=None).fast_start_loss_drop is None
+@pytest.mark.parametrize("bad", [1.0, 0.5, 0.0, -2.0, math.inf, math.nan])
+def test_bad_growth_bounds_are_refused(bad):
+    with pytest.raises(ValueError, match="Invalid fast_start_growth"):
+        Options(fast_start_growth=bad)
+    with pytest.raises(ValueError, match="Invalid fast_start_growth"):
+        ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=0.05, fast_start_growth=bad)
+    with pytest.raises(TypeError, match="fast_start_growth"):
+        Options(fast_start_growth="10")
+    assert Options(fast_start_growth=None).fast_start_growth is None
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_loss_guard_through_the_optimizer(sync_free):
-    """On digits from a small lr with a fast climb: the validation loss leaves its first level, the
-    phase ends where the rule says (replayed from the recorded losses and hypergradients), before
-    the climb turns; without the guard the climb goes on past that point."""
+def test_growth_bound_through_the_optimizer(sync_free):
+    """On digits from a small lr with a fast climb: the phase ends where the lr first reaches 3x its
+    start (replayed from the recorded hypergradients), before the climb turns; without the bound the
+    climb goes further."""
     runs = {}
-    for drop in (0.05, None):
+    for growth in (3.0, None):
         model = mlp()
         opt = ohotorch.OHO(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-3, fast_start=0.3,
-                           fast_start_loss_drop=drop)
+                           fast_start_growth=growth)
         opt._sync_free = sync_free
-        losses = []
-        hypers = _train(opt, model, 30, losses=losses)
-        runs[drop] = (opt.state_dict()["oho"]["meta_state"]["0/lr"], losses, hypers, opt._meta_config())
-    saved, losses, hypers, config = runs[0.05]
+        hypers = _train(opt, model, 30)
+        runs[growth] = (opt.state_dict()["oho"]["meta_state"]["0/lr"], hypers, opt._meta_config())
+    saved, hypers, config = runs[3.0]
     groups, state, ended = [{"lr": 1e-3, "weight_decay": 1e-3}], {}, None
-    for k, (hyper, loss) in enumerate(zip(hypers, losses)):
-        meta.meta_update_(groups, [(0, name, hyper[name]) for name in ("lr", "weight_decay")], loss, state, config)
+    for k, hyper in enumerate(hypers):
+        meta.meta_update_(groups, [(0, name, hyper[name]) for name in ("lr", "weight_decay")], 1.0, state, config)
         if ended is None and state["0/lr"]["fast"] == 0.0:
             ended = k
-            assert groups[0]["lr"] >= meta.FAST_START_DROP * state["0/lr"]["peak"]  # not the turn: the guard
-    assert ended is not None and ended == _guard_switch(losses, 0.05)
-    assert saved["fast"] == 0.0 and saved["loss_n"] == 30.0
+            assert groups[0]["lr"] >= 3e-3 and groups[0]["lr"] >= meta.FAST_START_DROP * state["0/lr"]["peak"]
+    assert ended is not None and saved["fast"] == 0.0 and saved["start"] == 1e-3
     for key in meta.FAST_START_PHASE_KEYS:
         assert math.isclose(saved[key], state["0/lr"][key], rel_tol=1e-10), key
-    assert runs[None][0]["peak"] > saved["peak"]  # unguarded, the climb went further
+    assert runs[None][0]["peak"] > saved["peak"]  # unbounded, the climb went further
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.05, math.inf, math.nan])
@@ -271,6 +254,18 @@ def test_wrong_types_and_meta_optimizers_are_refused():
         with pytest.raises(ValueError, match="fast_start needs meta_optimizer='adam', space='log'"):
             ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=0.05, **kwargs)
     assert Options(fast_start=1).fast_start == 1.0
+
+
+def test_default_is_on_only_where_a_meta_learning_rate_is_relative():
+    """fast_start="auto" (the default): DEFAULT_FAST_START with meta-Adam in log space (with the growth
+    bound), off for the paper's raw-space SGD meta-update, which it must not refuse."""
+    opt = ohotorch.OHO(mlp().parameters(), lr=0.01)
+    assert opt.fast_start == meta.DEFAULT_FAST_START[("adam", "log")] == 0.1 and opt.fast_start_growth == 10.0
+    assert ohotorch.OHOAdamW(mlp().parameters(), lr=1e-3).fast_start == 0.1
+    paper = ohotorch.OHO(mlp().parameters(), lr=0.01, meta_optimizer="sgd", space="raw", meta_lr=1e-5, discount=1.0)
+    assert paper.fast_start is None
+    assert ohotorch.OHO(mlp().parameters(), lr=0.01, fast_start=None).fast_start is None
+    assert Options().fast_start == 0.1 and Options(meta_optimizer="sgd", meta_lr=1e-3).fast_start is None
 
 
 def _train(opt, model, steps, start=0, losses=None):

@@ -83,4 +83,4 @@ def test_outside_change_restarts_the_meta_optimizer():
             opt.hyper_step(closures(opt, model, (xv[vidx], yv[vidx])))
         if step == 150:
             assert opt._bookkeeping.meta_state["0/lr"]["t"] == 1.0  # restarted
-    assert opt.param_groups[0]["lr"] > 0.004  # it moves again, toward the lr it had found
+    assert opt.param_groups[0]["lr"] > 0.003  # it moves again (1.5x the written value), toward the lr it had found
