@@ -9,7 +9,9 @@ Per task, two figures next to the results file (or in ``--out-dir``):
   AdamW grids), with OHO's per-initial-lr means at their initial lr and the tuning-free methods
   (schedule-free, Prodigy) as horizontal lines.
 
-    python benchmarks/suite_plot.py benchmarks/results/suite/suite.json [--out-dir DIR]
+    python benchmarks/suite_plot.py benchmarks/results/suite/suite.json [--out-dir DIR] [--oho oho,oho_x]
+
+``--oho`` keeps only these OHO methods (a merged file may hold many variants); grids and baselines stay.
 """
 from __future__ import annotations
 
@@ -102,7 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     parser = argparse.ArgumentParser(description="figures of a suite results file")
     parser.add_argument("results")
     parser.add_argument("--out-dir", default="")
+    parser.add_argument("--oho", default="", help="comma list of the OHO methods to draw (default: all)")
     args = parser.parse_args(argv)
+    keep = {m for m in args.oho.split(",") if m}
     source = Path(args.results)
     payload = json.loads(source.read_text())
     out_dir = Path(args.out_dir) if args.out_dir else source.parent
@@ -110,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     summary = payload.get("summary", {}).get("tasks", {})
     written = []
     for task in dict.fromkeys(r["task"] for r in payload["runs"]):
-        runs = [r for r in payload["runs"] if r["task"] == task]
+        runs = [r for r in payload["runs"] if r["task"] == task
+                and not (keep and r["method"].startswith("oho") and r["method"] not in keep)]
         stem = f"{source.stem}_{task}"
         figure = hyper_figure(task, runs, summary.get(task, {}), out_dir / f"{stem}_hyper.png")
         if figure is not None:
