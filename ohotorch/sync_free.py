@@ -181,9 +181,10 @@ def hyper_step(opt: "OHO", flat: List[Tuple[int, str, Tensor]], loss_sum: Tensor
                 continue
             if device_meta.generation[i] != generations[i]:
                 # set from outside after this hyper-step: the outside value stands, fast start's phase
-                # (kept by the device across the restart) follows the device
-                if config.fast(name) and key in opt._bookkeeping.meta_state:
-                    opt._bookkeeping.meta_state[key].update(phase)
+                # (kept by the device across the restart) follows the device, also when this is the
+                # value's first result (no meta state yet), so that a checkpoint taken now keeps it
+                if config.fast(name):
+                    opt._bookkeeping.meta_state.setdefault(key, {}).update(phase)
                 continue
             opt.param_groups[index][name] = theta
             device_meta.written[i] = theta

@@ -360,6 +360,28 @@ def test_sync_free_outside_write_keeps_the_phase_in_the_checkpoint():
     assert after["peak"] == before["oho"]["meta_state"]["0/lr"]["peak"] and after["fast"] == 0.0
 
 
+def test_sync_free_outside_write_before_the_first_result_keeps_the_phase():
+    """An outside write before the value's first deferred result has arrived: the checkpoint still
+    carries the device's phase (peak, fast, start), and a run resumed from it continues exactly like
+    the uninterrupted one."""
+    model, opt = _make(sync_free=True)
+    _train(opt, model, 1)
+    opt.param_groups[0]["lr"] = 0.004
+    with pytest.warns(UserWarning, match="changed from outside"):
+        saved = copy.deepcopy(opt.state_dict())
+    device_rows = opt._device_meta.state[4:, 0].tolist()
+    assert saved["oho"]["meta_state"]["0/lr"] == dict(zip(meta.FAST_START_PHASE_KEYS, device_rows))
+    assert device_rows[2] == 0.01  # the start is the initial lr, not the written one
+    model2, opt2 = _make(sync_free=True)
+    model2.load_state_dict(copy.deepcopy(model.state_dict()))
+    opt2.load_state_dict(saved)
+    _train(opt, model, 5, start=1)
+    _train(opt2, model2, 5, start=1)
+    assert opt.state_dict()["oho"]["meta_state"] == opt2.state_dict()["oho"]["meta_state"]
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_old_checkpoint_loads_as_done():
     model, opt = _make()
     _train(opt, model, 3)
