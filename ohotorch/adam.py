@@ -41,7 +41,7 @@ class OHOAdam(OHO):
             when asked (see :class:`ohotorch.OHO`).
         **options: OHO's meta-update and influence options (``meta_lr``, ``meta_optimizer``, ``space``,
             ``bounds``, ``influence``, ``hvp``, ``fd_rel``, ``compute_dtype``, ``reset_every``, ``discount``,
-            ``growth_cap``, ``average``, ``module``, ``foreach``, ``fast_start``, ``fast_start_growth``), with
+            ``growth_cap``, ``average``, ``module``, ``foreach``, ``fast_start``, ``fast_start_growth``, ``lr_down``), with
             OHO's defaults (:class:`ohotorch.options.Options`).
 
     Guarantees, refusals and warnings as :class:`ohotorch.OHO` (strong exception safety of ``step()``).

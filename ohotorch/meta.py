@@ -54,6 +54,14 @@ began; -1 until the first hyper-step); an outside write restarts the moments but
 meta state without them (an older checkpoint, or one made without ``fast_start``) counts as done (a state
 with the phase but no ``"start"`` takes the value at its next hyper-step). ``meta_lr = 0`` still freezes
 the value. Other hyperparameters are unaffected. Cost: a few scalar operations per hyper-step.
+
+**Slower decrease** (``lr_down``; by default :data:`DEFAULT_LR_DOWN`, 0.5 with meta-Adam in log space).
+Once its fast phase is over (or always, without fast start), a step that would *lower* a tuned ``lr`` /
+``lr_scale`` is scaled by ``d``: :math:`\phi \leftarrow \phi + d\,(\phi' - \phi)` where :math:`\phi'` is
+the meta-optimizer's proposal; steps up are unchanged. A bias correction, chosen by measurement: the
+greedy hypergradient pulls the lr down systematically (the short-horizon bias), and ended every suite
+task below the lr that a tuned grid picks. The meta-optimizer's state is unchanged by it. ``d = 1``:
+symmetric steps.
 """
 from __future__ import annotations
 
@@ -70,6 +78,7 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "DEFAULT_META_LR",
     "DEFAULT_FAST_START",
+    "DEFAULT_LR_DOWN",
     "LOG_OFFSET",
     "to_meta",
     "from_meta",
@@ -117,6 +126,8 @@ DEFAULT_META_LR: Dict[Tuple[str, str], float] = {("adam", "log"): 0.02}
 # fast_start="auto" (the default) per (meta_optimizer, space): only where a meta learning rate is a relative
 # step size. Evidence: benchmarks/suite.py, benchmarks/results/suite/ (the README's tuning-quality section).
 DEFAULT_FAST_START: Dict[Tuple[str, str], float] = {("adam", "log"): 0.1}
+# lr_down="auto" (the default) per (meta_optimizer, space); 1.0 (symmetric) elsewhere. Evidence: as above.
+DEFAULT_LR_DOWN: Dict[Tuple[str, str], float] = {("adam", "log"): 0.5}
 
 # The meta-Adam gradient is clipped to +-max(META_CLIP * sqrt(v_hat), sqrt(META_V_GROWTH * v / (1 - beta2)))
 # of the previous step (module docstring): never tighter than META_CLIP standard deviations, and once Adam's
@@ -270,6 +281,11 @@ class MetaConfig:
     bounds: Mapping[str, Tuple[float, float]]
     fast_start: Optional[float] = None  # the meta learning rate of lr / lr_scale while fast (docstring)
     fast_start_growth: Optional[float] = None  # the growth F that ends the fast phase (docstring); None: no bound
+    lr_down: float = 1.0  # the scale of a decreasing step of lr / lr_scale after the fast phase (docstring)
+
+    def slowed(self, name: str) -> bool:
+        """Whether ``name``'s decreasing steps are scaled by ``lr_down``."""
+        return self.lr_down != 1.0 and name in FAST_START_NAMES
 
     def fast(self, name: str) -> bool:
         """Whether fast start applies to ``name``."""
@@ -330,6 +346,8 @@ def meta_update_(
             new_phi = meta_adam_step(phi, grad, state, lr=lr, betas=config.betas, eps=config.eps)
         else:
             new_phi = meta_sgd_step(phi, grad, lr=lr)
+        if config.slowed(name) and new_phi < phi and not (config.fast(name) and phase["fast"] == 1.0):
+            new_phi = phi + config.lr_down * (new_phi - phi)  # slower decrease (module docstring)
         new_theta = _from_meta_clamped(name, new_phi, config)
         if config.meta_lr[name] == 0.0:
             new_theta = theta  # meta_lr = 0: hypergradients only, bit-identical hyperparameters
@@ -389,6 +407,8 @@ class DeviceMeta:
          self.offset) = torch.tensor(constants, dtype=torch.float64).to(device).unbind(0)
         self.high_exact, self.momentum = high_exact_t.bool(), momentum_t.bool()
         self.frozen = self.meta_lr == 0.0
+        slowed = [config.slowed(name) for name in names]
+        self.slowed = torch.tensor(slowed, device=device) if any(slowed) else None
         # The log-space maps in one form: with q = max(a theta + b, floor) (lr-like: a = 1, b = floor = c;
         # momentum: a = -1, b = 1, floor = 1e-12), phi = s log q, d theta / d phi = q and
         # theta = (exp(s phi) - b) / a (s = 1, or -1 for momentum).
@@ -439,6 +459,9 @@ class DeviceMeta:
         else:
             t_new, m_new, v_new = t, m, v
             phi_new = phi - meta_lr * grad
+        if self.slowed is not None:  # slower decrease of lr / lr_scale after the fast phase (module docstring)
+            step = phi_new - phi
+            phi_new = torch.where(self.slowed & (step < 0) & (fast != 1.0), phi + self.config.lr_down * step, phi_new)
         at_low = phi_new <= self.phi_low
         at_high = phi_new >= self.phi_high
         theta_new = self._from_meta(torch.minimum(phi_new, self.phi_high)).clamp(self.low, self.high)

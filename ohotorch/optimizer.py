@@ -262,6 +262,11 @@ class OHO(Optimizer):
             many times over its value when the phase began (default 10; ``None``: only the turn ends it).
             A guard: a fast climb that goes on while the model leaves its initial plateau overshoots and
             can kill the network (:mod:`ohotorch.meta` has the rule).
+        lr_down: ``"auto"`` (default: 0.5 with ``meta_optimizer="adam", space="log"``, else 1) or a factor
+            ``d`` in (0, 1]: once the fast phase is over, a meta-step that lowers ``lr`` / ``lr_scale`` is
+            scaled by ``d`` (steps up are not). A correction of the greedy hypergradient's pull toward
+            too-small learning rates, chosen by measurement (README, "Tuning quality"); ``1`` is the
+            symmetric update. Cost: three scalar operations per hyper-step.
 
     A hyperparameter changed from outside (by the user, a scheduler) between hyper-steps is taken as
     the new starting point and its meta-optimizer state restarts (with a warning for lr, once per param
@@ -347,6 +352,7 @@ class OHO(Optimizer):
         foreach: Optional[bool] = Options.foreach,
         fast_start: Union[None, float, str] = Options.fast_start,
         fast_start_growth: Optional[float] = Options.fast_start_growth,
+        lr_down: Union[float, str] = Options.lr_down,
     ) -> None:
         check_torch_arguments(type(self).__name__, maximize=maximize, differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, lr_scale=1.0, momentum=momentum, dampening=dampening, nesterov=nesterov,
@@ -355,7 +361,8 @@ class OHO(Optimizer):
                           meta_eps=meta_eps, space=space, bounds=bounds, influence=influence, hvp=hvp,
                           fd_rel=fd_rel, compute_dtype=compute_dtype, reset_every=reset_every,
                           discount=discount, growth_cap=growth_cap, average=average, module=module,
-                          foreach=foreach, fast_start=fast_start, fast_start_growth=fast_start_growth)
+                          foreach=foreach, fast_start=fast_start, fast_start_growth=fast_start_growth,
+                          lr_down=lr_down)
         self._setup(params, defaults, options)
 
     @property
@@ -1118,7 +1125,8 @@ class OHO(Optimizer):
         config = meta.MetaConfig(meta_lr={**config.meta_lr, **meta_lrs}, optimizer=config.optimizer,
                                  betas=config.betas, eps=config.eps, space=config.space,
                                  bounds={**config.bounds, **bounds}, fast_start=config.fast_start,
-                                 fast_start_growth=config.fast_start_growth)
+                                 fast_start_growth=config.fast_start_growth,
+                                 lr_down=config.lr_down)
         meta_state = {**self._bookkeeping.meta_state, **loss_states}
         groups = list(self.param_groups) + proxies
         outcome = meta.meta_update_(groups, everything, loss_value, meta_state, config)
@@ -1159,7 +1167,8 @@ class OHO(Optimizer):
     def _meta_config(self) -> meta.MetaConfig:
         return meta.MetaConfig(meta_lr=self.meta_lr, optimizer=self.meta_optimizer, betas=self.meta_betas,
                                eps=self.meta_eps, space=self.space, bounds=self.bounds,
-                               fast_start=self.fast_start, fast_start_growth=self.fast_start_growth)
+                               fast_start=self.fast_start, fast_start_growth=self.fast_start_growth,
+                               lr_down=self.lr_down)
 
     # ------------------------------------------------------------------ state
     def _is_state_initialisation(self) -> bool:

@@ -70,6 +70,7 @@ class Options:
     foreach: Optional[bool] = None
     fast_start: Union[None, float, str] = "auto"
     fast_start_growth: Optional[float] = 10.0
+    lr_down: Union[float, str] = "auto"
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
@@ -126,6 +127,12 @@ class Options:
             if not (math.isfinite(growth) and growth > 1.0):
                 raise ValueError(f"Invalid fast_start_growth: {self.fast_start_growth!r} (a factor > 1, or None)")
             self.fast_start_growth = growth
+        if isinstance(self.lr_down, str) and self.lr_down == "auto":
+            self.lr_down = meta.DEFAULT_LR_DOWN.get((self.meta_optimizer, self.space), 1.0)
+        down = real(self.lr_down, "lr_down")
+        if not (0.0 < down <= 1.0):
+            raise ValueError(f"Invalid lr_down: {self.lr_down!r} (a factor in (0, 1]; 1 for symmetric steps)")
+        self.lr_down = down
         self.meta_lr = _check_meta_lr(self.meta_lr, self.meta_optimizer, self.space)
         self.meta_betas = (float(beta1), float(beta2))
         self.meta_eps = float(self.meta_eps)

@@ -198,3 +198,83 @@ def test_device_meta_refuses_every_non_finite_value(bad, where):
     ok = meta.DeviceMeta(entries, [0.1, 1e-3], [{}, {}], config, torch.device("cpu"))
     packed = ok.update(torch.tensor([0.5, -0.25], dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).tolist()
     assert packed[-2] == 1.0 and packed[-1] == 1.0
+
+
+# ---------------------------------------------------------------- lr_down: the slower decrease
+def _down_config(down, fast_start=None):
+    return meta.MetaConfig(meta_lr={name: 0.02 for name in meta.HYPERPARAMETERS}, optimizer="adam",
+                           betas=(0.9, 0.999), eps=1e-15, space="log", bounds=dict(meta.DEFAULT_BOUNDS),
+                           fast_start=fast_start, lr_down=down)
+
+
+def _symmetric_phi(theta, h, adam, lr=0.02):
+    phi = meta.to_meta("lr", theta, "log")
+    return phi, meta.meta_adam_step(phi, h * meta.meta_derivative("lr", theta, "log"), adam, lr=lr,
+                                    betas=(0.9, 0.999), eps=1e-15)
+
+
+def test_lr_down_scales_the_decreasing_steps_of_lr_only():
+    """A step down of lr / lr_scale is d times the symmetric one in meta space (bit for bit, the
+    meta-optimizer's state as without it); steps up, weight decay and momentum are untouched."""
+    config = _down_config(0.5)
+    groups, state, theta, adam = [{"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.5}], {}, 0.1, {}
+    symmetric, sym_state = [{"weight_decay": 1e-3, "momentum": 0.5}], {}
+    for k, h in enumerate([1.0] * 5 + [-1.0] * 5 + [0.3, -0.2] * 3):
+        phi, proposal = _symmetric_phi(theta, h, adam)
+        expected_phi = phi + 0.5 * (proposal - phi) if proposal < phi else proposal
+        theta = meta.project(meta.from_meta("lr", expected_phi, "log"), (0.0, math.inf))
+        hs = [(0, "lr", h), (0, "weight_decay", h), (0, "momentum", h)]
+        assert meta.meta_update_(groups, hs, 1.0, state, config) == meta.COMMITTED
+        meta.meta_update_(symmetric, hs[1:], 1.0, sym_state, _down_config(1.0))
+        assert groups[0]["lr"] == theta, k
+        assert {k2: state["0/lr"][k2] for k2 in ("m", "v", "t")} == {k2: adam[k2] for k2 in ("m", "v", "t")}
+        assert groups[0]["weight_decay"] == symmetric[0]["weight_decay"]
+        assert groups[0]["momentum"] == symmetric[0]["momentum"]
+
+
+def test_lr_down_waits_for_the_end_of_the_fast_phase():
+    """During fast start's phase a step down is the full one; after the phase ends, d times it."""
+    config = _down_config(0.5, fast_start=0.05)
+    groups, state, theta, adam = [{"lr": 1e-3}], {}, 1e-3, {}
+    fast = True
+    for k, h in enumerate([-1.0] * 10 + [1.0] * 20):
+        phi, proposal = _symmetric_phi(theta, h, adam, lr=0.05 if fast else 0.02)
+        if not fast and proposal < phi:
+            proposal = phi + 0.5 * (proposal - phi)
+        theta = meta.from_meta("lr", proposal, "log")
+        meta.meta_update_(groups, [(0, "lr", h)], 1.0, state, config)
+        assert groups[0]["lr"] == theta, k
+        fast = state["0/lr"]["fast"] == 1.0
+    assert not fast
+
+
+@pytest.mark.parametrize("fast_start", [None, 0.05])
+def test_lr_down_on_the_device_matches_the_host(fast_start):
+    import torch
+
+    config = _down_config(0.5, fast_start=fast_start)
+    entries = [(0, "lr"), (0, "weight_decay"), (1, "lr_scale")]
+    groups = [{"lr": 1e-3, "weight_decay": 1e-4}, {"lr_scale": 1.0}]
+    dm = meta.DeviceMeta(entries, [groups[i][n] for i, n in entries], [{} for _ in entries], config,
+                         torch.device("cpu"))
+    state = {}
+    for k in range(40):
+        h = -1.0 if k < 12 else (1.0 if k % 3 else -0.5)
+        hs = [h, -h, 0.7 * h]
+        meta.meta_update_(groups, [(i, n, v) for (i, n), v in zip(entries, hs)], 1.0, state, config)
+        packed = dm.update(torch.tensor(hs, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).tolist()
+        for j, (i, n) in enumerate(entries):
+            assert math.isclose(packed[j], groups[i][n], rel_tol=1e-12), (k, n)
+
+
+def test_lr_down_defaults_and_refusals():
+    from ohotorch.options import Options
+
+    assert Options().lr_down == meta.DEFAULT_LR_DOWN[("adam", "log")] == 0.5
+    assert Options(meta_optimizer="sgd", space="raw", meta_lr=1e-5).lr_down == 1.0  # the paper's stays symmetric
+    assert Options(lr_down=1).lr_down == 1.0
+    for bad in (0.0, -0.5, 1.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="Invalid lr_down"):
+            Options(lr_down=bad)
+    with pytest.raises(TypeError, match="lr_down"):
+        Options(lr_down="0.5")
