@@ -330,6 +330,20 @@ def test_sync_free_settles_the_host_meta_updates_phase():
     assert set(settled["0/weight_decay"]) == {"m", "v", "t", "written"}
 
 
+def _resume_alongside(model, opt, saved, steps, start):
+    """A sync-free run resumed from ``saved`` (with ``model``'s weights) trained beside the original for
+    ``steps`` steps: the same meta state and weights bit for bit. Returns the resumed optimizer."""
+    model2, opt2 = _make(sync_free=True)
+    model2.load_state_dict(copy.deepcopy(model.state_dict()))
+    opt2.load_state_dict(saved)
+    _train(opt, model, steps, start=start)
+    _train(opt2, model2, steps, start=start)
+    assert opt.state_dict()["oho"]["meta_state"] == opt2.state_dict()["oho"]["meta_state"]
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    return opt2
+
+
 def test_sync_free_outside_write_keeps_the_phase_in_the_checkpoint():
     """An outside write on the sync-free path (with hyper-steps still pending): the saved meta state of
     that value is the device's phase alone (its moments restart), and a resumed run continues exactly."""
@@ -341,15 +355,8 @@ def test_sync_free_outside_write_keeps_the_phase_in_the_checkpoint():
     device_rows = opt._device_meta.state[4:, 0].tolist()
     assert saved["oho"]["meta_state"]["0/lr"] == dict(zip(meta.FAST_START_PHASE_KEYS, device_rows))
     assert device_rows[0] > 0.01 and opt._device_meta.state[3, 0] == 0.0  # a peak kept, the moments restarted
-    model2, opt2 = _make(sync_free=True)
-    model2.load_state_dict(copy.deepcopy(model.state_dict()))
-    opt2.load_state_dict(saved)
-    _train(opt, model, 5, start=4)
-    _train(opt2, model2, 5, start=4)
-    assert opt.state_dict()["oho"]["meta_state"] == opt2.state_dict()["oho"]["meta_state"]
+    opt2 = _resume_alongside(model, opt, saved, 5, start=4)
     assert opt.state_dict()["oho"]["meta_state"]["0/lr"]["fast"] == 0.0  # 0.004 < 0.9 x the peak
-    for p, q in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(p, q)
     # an outside write after loading (the device copy is rebuilt from the checkpoint): the phase stays too
     model3, opt3 = _make(sync_free=True)
     before = copy.deepcopy(opt2.state_dict())
@@ -372,14 +379,7 @@ def test_sync_free_outside_write_before_the_first_result_keeps_the_phase():
     device_rows = opt._device_meta.state[4:, 0].tolist()
     assert saved["oho"]["meta_state"]["0/lr"] == dict(zip(meta.FAST_START_PHASE_KEYS, device_rows))
     assert device_rows[2] == 0.01  # the start is the initial lr, not the written one
-    model2, opt2 = _make(sync_free=True)
-    model2.load_state_dict(copy.deepcopy(model.state_dict()))
-    opt2.load_state_dict(saved)
-    _train(opt, model, 5, start=1)
-    _train(opt2, model2, 5, start=1)
-    assert opt.state_dict()["oho"]["meta_state"] == opt2.state_dict()["oho"]["meta_state"]
-    for p, q in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(p, q)
+    _resume_alongside(model, opt, saved, 5, start=1)
 
 
 def test_old_checkpoint_loads_as_done():
