@@ -12,14 +12,17 @@ task, a character-level transformer LM trained with AdamW) it runs, with 3 seeds
   library's defaults (``oho``) and named variants: ``oho_d09`` (discount 0.9), ``oho_full`` (discount 1,
   the full RTRL horizon), ``oho_paper`` (SGD tasks: full horizon, raw-space SGD meta-update, meta_lr
   1e-4). ``--oho-variant NAME='{"discount": 1.0, ...}'`` adds a method ``oho_NAME`` with those OHO
-  keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Five keys are
+  keyword arguments; ``--oho-kwargs '{...}'`` adds keyword arguments to every OHO method. Six keys are
   read by the benchmark instead of OHO: ``hyper_every`` (a hyper-step every k steps), ``val_batches``
   (the validation loss of each hyper-step averaged over that many batches), ``schedule``
   (``"cosine"``: a CosineAnnealingLR over the run drives ``lr`` while OHO tunes ``lr_scale``) and
   ``fast_stop_drop`` (a prototype guard for ``fast_start``: the fast phase ends once the training loss,
   an EMA over 10 steps, has fallen that fraction below its first value; host path only) and
   ``fast_stop_growth`` (the prototype of ``fast_start_growth``: the fast phase ends once the value is
-  that many times the initial lr; host path only). A run
+  that many times the initial lr; host path only) and ``fast_spike`` (a prototype spike guard for
+  ``fast_start``: a hyper-step whose validation loss exceeds that factor times the first hyper-step's, while
+  the lr is above its value when the fast phase began, ends the phase and puts the lr back to that value,
+  where OHO restarts its meta state; host path only; ``fast_spikes`` in a run's record counts them). A run
   with OHO's ``average`` option is evaluated at the average of its iterates (``opt.averaged()``; with
   BatchNorm, running statistics recomputed for it from 20 training batches and put back afterwards).
 
@@ -77,7 +80,7 @@ SGD_ONLY_VARIANTS = ("oho_paper",)  # the paper's raw-space meta-update is for S
 # variant keys read by the benchmark, not by OHO: hyper-step every N steps, validation batches per hyper-step,
 # and "schedule": "cosine" (a CosineAnnealingLR drives group["lr"] to 0 over the run while OHO tunes the
 # multiplier lr_scale, and weight decay when the task starts it above 0)
-LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "fast_stop_drop", "fast_stop_growth")
+LOOP_KEYS = ("hyper_every", "val_batches", "schedule", "fast_stop_drop", "fast_stop_growth", "fast_spike")
 
 BASELINES_BY_FAMILY = {
     "sgd": ("sgd", "cosine", "adamw", "adamw_cosine", "sf_sgd", "sf_adamw", "prodigy"),
@@ -209,6 +212,11 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
     # prototype of fast_start_growth (host path only): end the fast phase of every tuned value once it is
     # this many times the initial lr (the library's option measures from the value at the phase's start)
     fast_stop_growth = kwargs.pop("fast_stop_growth", None)
+    # prototype spike guard for fast_start (host path only): a hyper-step validation loss above this factor
+    # times the first one, while a value is above its fast phase's start, ends the phase and returns it there
+    fast_spike = kwargs.pop("fast_spike", None)
+    first_val = None
+    spikes = 0
     torch.manual_seed(seed)
     model = task.model_fn()
     model.train()
@@ -268,6 +276,18 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
             if value is not None:
                 val_window += float(value)
                 val_n += 1
+            if fast_spike is not None and value is not None:
+                value = float(value)
+                if first_val is None:
+                    first_val = value
+                elif not math.isfinite(value) or value > float(fast_spike) * first_val:
+                    for key, state in opt._bookkeeping.meta_state.items():
+                        index, name = key.split("/")
+                        if "fast" in state and 0.0 < state.get("start", -1.0) < opt.param_groups[int(index)][name]:
+                            state["fast"] = 0.0
+                            # an outside write: the next hyper-step restarts the meta state from it (with a warning)
+                            opt.param_groups[int(index)][name] = float(state["start"])
+                            spikes += 1
         if scheduler is not None:
             scheduler.step()
         if fast_stop_growth is not None:
@@ -316,6 +336,8 @@ def _train(spec: Dict[str, Any]) -> Dict[str, Any]:
         final.update(test_loss=evals["test_loss"][-1], test_acc=evals["test_acc"][-1], val_loss=evals["val_loss"][-1])
     if is_oho and hasattr(opt, "counters"):
         final["oho_counters"] = {k: int(v) for k, v in dict(opt.counters).items()}
+    if fast_spike is not None:
+        final["fast_spikes"] = spikes
     return {**final, "trace": trace, "evals": evals}
 
 

@@ -159,3 +159,16 @@ def test_merge_of_per_task_files_gives_the_same_summary(quick, tmp_path):
     merged = suite.main(["--merge", *map(str, paths), "--out", str(tmp_path / "merged.json")])
     assert merged["summary"] == payload["summary"] and len(merged["parts"]) == len(paths)
     assert json.loads((tmp_path / "merged.json").read_text())["complete"]
+
+
+def test_fast_spike_prototype_puts_the_lr_back_and_never_fires_on_a_huge_factor():
+    def run(factor):
+        return suite.run_one({"task": "digits_mlp", "method": "oho", "lr": 0.001, "seed": 0, "quick": True,
+                              "oho_kwargs": {"fast_spike": factor}})
+    plain = suite.run_one({"task": "digits_mlp", "method": "oho", "lr": 0.001, "seed": 0, "quick": True})
+    never, always = run(1e9), run(1e-9)  # 1e-9: every loss after the first is a "spike"
+    assert never["fast_spikes"] == 0 and never["test_loss"] == plain["test_loss"]
+    assert never["trace"]["lr"] == plain["trace"]["lr"]
+    assert always["fast_spikes"] >= 1 and "error" not in always
+    # each spike put the lr back to its start (0.001), so it never got as far as without the guard
+    assert max(always["trace"]["lr"]) < max(plain["trace"]["lr"])
